@@ -1,0 +1,1 @@
+"""Prefect flows: thin wrappers that call `pipelines`. Imports `pipelines` (and through it `ssjdn`)."""
