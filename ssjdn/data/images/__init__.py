@@ -1,0 +1,212 @@
+"""Reading and decoding images with Pillow: JPEG, PNG, TIFF (multi-band included), always to 8-bit RGB.
+
+Rules (also in docs/data-formats.md):
+- bands: 1 band -> grey copied to R, G, B; 2 bands -> the first as grey; 3+ bands -> the first three as R, G, B
+  (RGBA drops alpha; CMYK and palette images use Pillow's colour conversion);
+- depth: 8-bit unchanged; unsigned 16-bit -> the high byte (v >> 8), the same for every image so brightness stays
+  comparable (Pillow's own rule for 16-bit RGB); any other type (signed, 32/64-bit, float) -> a linear stretch of
+  the kept bands from their minimum to their maximum onto 0..255, one factor for all bands; NaN -> 0;
+- size: images over `MAX_IMAGE_PIXELS` (env `SSJDN_MAX_IMAGE_PIXELS`, default Pillow's 89,478,485) are refused
+  before their pixels are decoded (decompression-bomb guard); Pillow's own hard limit is twice its default.
+Every failure raises `ImageDecodeError` naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ssjdn.data.errors import ImageDecodeError
+from ssjdn.data.images import tiff_bands
+
+MAX_IMAGE_PIXELS = int(os.environ.get("SSJDN_MAX_IMAGE_PIXELS", 89_478_485))
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+_PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "ImageDecodeError",
+    "ImageInfo",
+    "bands_to_rgb",
+    "check_image",
+    "decode_image",
+    "probe_image",
+    "read_image_bytes",
+    "to_rgb",
+]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str  # "JPEG", "PNG", "TIFF", ...
+    width: int
+    height: int
+    mode: str  # Pillow mode, or e.g. "6xuint16" for a multi-band TIFF Pillow cannot represent
+
+
+def read_image_bytes(source: str | os.PathLike) -> bytes:
+    """The encoded bytes of a local file or any fsspec URL (s3://, http://, file://...).
+
+    A missing file raises FileNotFoundError (naming it); other read failures raise OSError as-is.
+    """
+    source = os.fspath(source)
+    if "://" in source:
+        import fsspec
+
+        with fsspec.open(source, "rb") as f:
+            return f.read()
+    return Path(source).read_bytes()
+
+
+def probe_image(data: bytes, name: str, *, max_pixels: int | None = None) -> ImageInfo:
+    """Format, size and mode from the header only (fast; does not detect truncated pixel data)."""
+    _check_not_empty(data, name)
+    if tiff_bands.is_tiff(data):
+        info = _probe_tiff_bands(data, name)
+        if info is not None:
+            _check_size(info.width, info.height, name, max_pixels)
+            return info
+    with _open(data, name) as im:
+        _check_size(im.width, im.height, name, max_pixels)
+        return ImageInfo(im.format or "unknown", im.width, im.height, im.mode)
+
+
+def decode_image(data: bytes, name: str, *, max_pixels: int | None = None) -> Image.Image:
+    """Decode every pixel and return an 8-bit RGB image (see the module rules)."""
+    return _decode(data, name, max_pixels=max_pixels, draft=False)
+
+
+def check_image(data: bytes, name: str, *, max_pixels: int | None = None) -> ImageInfo:
+    """Decode the whole file to prove it is readable (truncation included) and return its header info.
+
+    JPEGs are decoded in Pillow's draft mode (DCT scaled by 1/8): the whole entropy-coded stream is still read,
+    so truncation and corruption are still caught, at a fraction of the cost.
+    """
+    info = probe_image(data, name, max_pixels=max_pixels)
+    _decode(data, name, max_pixels=max_pixels, draft=True)
+    return info
+
+
+def _decode(data: bytes, name: str, *, max_pixels: int | None, draft: bool) -> Image.Image:
+    _check_not_empty(data, name)
+    if tiff_bands.is_tiff(data) and _probe_tiff_bands(data, name) is not None:
+        return _decode_tiff_bands(data, name, max_pixels)
+    # No `with`: the source is an in-memory buffer, and the decoded image must outlive this call.
+    im = _open(data, name)
+    _check_size(im.width, im.height, name, max_pixels)
+    fmt = im.format or "image"
+    try:
+        if draft and im.format == "JPEG":
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+        im.load()
+        return to_rgb(im)
+    except _PILLOW_ERRORS as exc:
+        raise ImageDecodeError(f"{name}: truncated or corrupt {fmt} data: {exc}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "RGBX", "RGBa"):
+        return im.convert("RGB")
+    if im.mode in ("L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        return im.convert("RGB")
+    # Wide single-band modes (I;16*, I, F): apply the depth rule on the raw values.
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16") or (im.mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 0xFFFF):
+        arr = arr.astype(np.uint16)
+    return bands_to_rgb(arr[:, :, None] if arr.ndim == 2 else arr)
+
+
+def bands_to_rgb(arr: np.ndarray) -> Image.Image:
+    """(H, W, B) samples of any numeric type -> 8-bit RGB by the band and depth rules above."""
+    if arr.ndim != 3 or arr.shape[2] < 1:
+        raise ValueError(f"expected (height, width, bands), got shape {arr.shape}")
+    kept = arr[:, :, :3] if arr.shape[2] >= 3 else np.repeat(arr[:, :, :1], 3, axis=2)
+    if kept.dtype == np.uint8:
+        out = kept
+    elif kept.dtype.kind == "u" and kept.dtype.itemsize == 2:
+        out = (kept >> 8).astype(np.uint8)
+    else:
+        values = np.nan_to_num(kept.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(values.min()), float(values.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        out = np.clip(np.rint((values - lo) * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(out), "RGB")
+
+
+def _check_not_empty(data: bytes, name: str) -> None:
+    if not data:
+        raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+
+
+def _check_size(width: int, height: int, name: str, max_pixels: int | None) -> None:
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if width * height > limit:
+        raise ImageDecodeError(
+            f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
+            "(possible decompression bomb; raise SSJDN_MAX_IMAGE_PIXELS if the image is genuine)"
+        )
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"{name}: exceeds Pillow's decompression-bomb limit: {exc}") from None
+    except UnidentifiedImageError:
+        head = data[:8].hex(" ")
+        raise ImageDecodeError(
+            f"{name}: not a recognised image ({len(data)} bytes, starting {head}); expected JPEG, PNG or TIFF"
+        ) from None
+    except _PILLOW_ERRORS as exc:
+        raise ImageDecodeError(f"{name}: truncated or corrupt image header: {exc}") from None
+
+
+def _pillow_can_decode_tiff(tags: dict) -> bool:
+    """Whether Pillow handles this TIFF itself: 8-bit grey or 3-4 band colour, bilevel, 16-bit unsigned grey.
+
+    Everything else (more bands, 2 bands, 16-bit colour, signed or float data) goes through `tiff_bands`, so the
+    band and depth rules are applied by one piece of code.
+    """
+    bands = int(tags.get(tiff_bands.SAMPLES, 1))
+    photometric = int(tags.get(262, 1))
+    bits = set(tiff_bands._tuple(tags.get(tiff_bands.BITS, 1)))
+    unsigned = set(tiff_bands._tuple(tags.get(tiff_bands.SAMPLE_FORMAT, 1))) <= {1}
+    if not unsigned:
+        return False
+    if bands == 1:
+        return bits <= {1, 8, 16}
+    return bits == {8} and bands in (3, 4) and photometric in (2, 5, 6)
+
+
+def _probe_tiff_bands(data: bytes, name: str) -> ImageInfo | None:
+    """Header info for a TIFF that needs the band reader; None when Pillow can decode it itself."""
+    try:
+        tags = tiff_bands.read_ifd(data)
+        if _pillow_can_decode_tiff(tags):
+            return None
+        width, height, bands = tiff_bands.image_size(tags)
+    except tiff_bands.TiffBandError as exc:
+        raise ImageDecodeError(f"{name}: TIFF {exc}") from None
+    bits = tiff_bands._tuple(tags.get(tiff_bands.BITS, 1))[0]
+    kind = {1: "uint", 2: "int", 3: "float"}.get(tiff_bands._tuple(tags.get(tiff_bands.SAMPLE_FORMAT, 1))[0], "?")
+    return ImageInfo("TIFF", width, height, f"{bands}x{kind}{bits}")
+
+
+def _decode_tiff_bands(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
+    try:
+        tags = tiff_bands.read_ifd(data)
+        width, height, _ = tiff_bands.image_size(tags)
+        _check_size(width, height, name, max_pixels)
+        return bands_to_rgb(tiff_bands.decode_bands(data, tags))
+    except tiff_bands.TiffBandError as exc:
+        raise ImageDecodeError(f"{name}: TIFF {exc}") from None

@@ -1,0 +1,257 @@
+"""Shared reader plumbing: strict text decoding, safe relative names, class labels, and turning the raw records
+of any format into a checked `Dataset` (splits, duplicates, empty captions, keys)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ssjdn.data.errors import DatasetFormatError
+from ssjdn.data.readers.base import BadRecord, Dataset
+from ssjdn.data.record import SPLITS, Sample, make_key
+
+LABELS_FILE = "labels.csv"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+# `airport_12.jpg` -> `airport`; `00123.jpg` (no letters before the number) -> no class.
+_PREFIX_CLASS = re.compile(r"(?P<cls>.*[A-Za-z].*?)_\d+")
+
+
+@dataclass
+class RawRecord:
+    """One image as a reader found it, before validation. `where` locates it in `file` for error messages."""
+
+    file: str
+    where: str
+    filename: str
+    split: str
+    captions: list[str]
+    caption_where: list[str] = field(default_factory=list)  # per caption, e.g. "line 12"; may be empty
+    source: str | None = None  # set only for URLs; local names are joined to the image root
+    class_name: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    crs: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def is_url(name: str) -> bool:
+    return bool(_URL.match(name))
+
+
+def read_text(path: Path) -> str:
+    """Read a UTF-8 text file (a BOM is allowed); anything else is an error naming the byte offset and line."""
+    data = Path(path).read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DatasetFormatError(
+            f"{path}: not valid UTF-8 at byte offset {exc.start} (line {line}): {exc.reason} "
+            f"(byte 0x{data[exc.start]:02x}); re-encode the file as UTF-8"
+        ) from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """Lines of a UTF-8 text file without their line endings; a final newline does not add an empty line."""
+    lines = read_text(path).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def safe_relative_name(name: Any, *, file: str, where: str) -> str:
+    """Return `name` as a normalised POSIX relative path, refusing anything that could escape the image root."""
+    if not isinstance(name, str) or not name.strip():
+        raise DatasetFormatError(f"{file}: {where}: empty or missing image file name")
+    name = name.strip()
+    if name.startswith(("/", "~")) or _WINDOWS_DRIVE.match(name) or "\\" in name:
+        raise DatasetFormatError(
+            f"{file}: {where}: image file name {name!r} is absolute or not a POSIX relative path; "
+            "names must be relative to the image root"
+        )
+    parts = [p for p in PurePosixPath(name).parts if p != "."]
+    if ".." in parts:
+        raise DatasetFormatError(f"{file}: {where}: image file name {name!r} escapes the image root ('..')")
+    if not parts:
+        raise DatasetFormatError(f"{file}: {where}: image file name {name!r} names no file")
+    return "/".join(parts)
+
+
+def prefix_class(filename: str) -> str | None:
+    """Scene class from a file-name prefix (`airport_12.jpg` -> `airport`); None when there is no such prefix."""
+    stem = PurePosixPath(filename).name.rsplit(".", 1)[0]
+    m = _PREFIX_CLASS.fullmatch(stem)
+    return m.group("cls") if m else None
+
+
+def read_labels_file(path: Path) -> dict[str, str]:
+    """`filename,class` CSV (header required) -> {relative file name: class}. Conflicting rows are an error."""
+    text = read_text(path)
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        raise DatasetFormatError(f"{path}: empty labels file; expected a header 'filename,class'")
+    header = [h.strip().lower() for h in rows[0]]
+    name_col = _pick(header, ("filename", "file", "image", "image_path", "path"))
+    class_col = _pick(header, ("class", "label", "class_name", "category"))
+    if name_col is None or class_col is None:
+        raise DatasetFormatError(f"{path}: line 1: header {rows[0]} needs a 'filename' and a 'class' column")
+    labels: dict[str, str] = {}
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or not any(c.strip() for c in row):
+            continue
+        if len(row) <= max(name_col, class_col):
+            raise DatasetFormatError(f"{path}: line {lineno}: expected {len(header)} columns, got {len(row)}")
+        name = safe_relative_name(row[name_col], file=str(path), where=f"line {lineno}")
+        cls = row[class_col].strip()
+        if not cls:
+            raise DatasetFormatError(f"{path}: line {lineno} ({name}): empty class")
+        if labels.get(name, cls) != cls:
+            raise DatasetFormatError(
+                f"{path}: line {lineno}: {name} labelled both {labels[name]!r} and {cls!r}"
+            )
+        labels[name] = cls
+    return labels
+
+
+def _pick(header: list[str], names: tuple[str, ...]) -> int | None:
+    for n in names:
+        if n in header:
+            return header.index(n)
+    return None
+
+
+def default_image_root(root: Path, images: str | os.PathLike | None) -> Path:
+    """`images` when given, else `root/images` when that folder exists, else `root` itself."""
+    if images is not None:
+        return Path(os.path.abspath(images))
+    return root / "images" if (root / "images").is_dir() else root
+
+
+def build_dataset(
+    records: list[RawRecord],
+    *,
+    name: str,
+    format: str,
+    root: Path,
+    image_root: Path,
+    labels: dict[str, str] | None = None,
+    prefix_labels: bool = False,
+) -> Dataset:
+    """Validate raw records and turn them into a `Dataset`.
+
+    Hard errors (the whole dataset is refused): a split that is not train/val/test, unsafe or duplicate file
+    names, two names that map to the same sample key. Quarantined (reported, not passed on): empty or
+    whitespace-only captions; a sample left with no caption at all is dropped as a whole.
+    Classes come from an explicit per-record class, else `labels`, else (when `prefix_labels`) the file-name
+    prefix; a record with none stays unlabelled. Class index = position in the sorted class list.
+    """
+    seen: dict[str, RawRecord] = {}
+    for r in records:
+        if r.split not in SPLITS:
+            raise DatasetFormatError(
+                f"{r.file}: {r.where} ({r.filename}): split {r.split!r} is not one of {', '.join(SPLITS)}"
+            )
+        if r.source is None:
+            r.filename = safe_relative_name(r.filename, file=r.file, where=r.where)
+        if r.filename in seen:
+            first = seen[r.filename]
+            raise DatasetFormatError(
+                f"{r.file}: {r.where}: duplicate image file name {r.filename!r} "
+                f"(first listed at {first.file}: {first.where}, split {first.split}; this one split {r.split})"
+            )
+        seen[r.filename] = r
+
+    class_of: dict[str, str | None] = {}
+    for r in records:
+        cls = r.class_name
+        if cls is None and labels is not None:
+            cls = labels.get(r.filename)
+        class_of[r.filename] = cls
+    if prefix_labels and labels is None:
+        prefixes = {r.filename: prefix_class(r.filename) for r in records if class_of[r.filename] is None}
+        # One prefix shared by every name (IMG_0001, IMG_0002) is a naming scheme, not a scene class.
+        if len({c for c in prefixes.values() if c}) >= 2:
+            class_of.update({k: v for k, v in prefixes.items() if v})
+    classes = sorted({c for c in class_of.values() if c})
+    index = {c: i for i, c in enumerate(classes)}
+
+    samples: list[Sample] = []
+    quarantine: list[BadRecord] = []
+    keys: dict[str, str] = {}
+    for r in records:
+        key = make_key(name, r.filename)
+        if key in keys:
+            raise DatasetFormatError(
+                f"{r.file}: {r.where}: image file names {keys[key]!r} and {r.filename!r} map to the same "
+                f"sample key {key!r}; rename one of them"
+            )
+        keys[key] = r.filename
+        source = r.source or os.path.abspath(image_root / r.filename)
+        good = [c.strip() for c in r.captions if isinstance(c, str) and c.strip()]
+        cls = class_of[r.filename]
+        sample = Sample(
+            key=key,
+            captions=good,
+            split=r.split,
+            source=source,
+            class_name=cls,
+            class_index=index[cls] if cls else None,
+            filename=r.filename,
+            lat=r.lat,
+            lon=r.lon,
+            bbox=r.bbox,
+            crs=r.crs,
+            extra=r.extra,
+        )
+        n_bad = len(r.captions) - len(good)
+        if n_bad or not r.captions:
+            where = _bad_caption_where(r)
+            reason = (
+                f"{n_bad} of {len(r.captions)} captions empty or whitespace-only{where}"
+                if r.captions
+                else "no captions"
+            )
+            dropped = not good
+            if dropped:
+                reason += "; sample quarantined (no usable caption)"
+            quarantine.append(
+                BadRecord(
+                    file=r.file,
+                    where=r.where,
+                    filename=r.filename,
+                    reason=reason,
+                    split=r.split,
+                    captions_dropped=n_bad,
+                    sample=sample if dropped else None,
+                )
+            )
+            if dropped:
+                continue
+        samples.append(sample)
+    return Dataset(
+        name=name,
+        format=format,
+        root=root,
+        image_root=image_root,
+        classes=classes,
+        samples=samples,
+        quarantine=quarantine,
+    )
+
+
+def _bad_caption_where(r: RawRecord) -> str:
+    if not r.caption_where:
+        return ""
+    bad = [w for c, w in zip(r.captions, r.caption_where) if not (isinstance(c, str) and c.strip())]
+    if not bad:
+        return ""
+    return f" ({bad[0]})" if len(bad) == 1 else f" ({bad[0]} to {bad[-1]})"
