@@ -1,0 +1,131 @@
+"""Prefect flow `shard-dataset`: `pipelines.shard` as plan -> groups of shards (tasks, retried) -> commit.
+
+Each group task writes its shards through `pipelines.shard.write_shards`, which skips shards already committed
+(same plan, same sha256). A task that fails on storage is retried with exponential backoff, so a retry only
+redoes the shards that were not finished. The manifest is written by the last task, once every group is done.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+
+from pipelines import shard as sharding
+from pipelines.storage import StorageError, describe_endpoint, is_storage_error
+
+GROUP_RETRIES = 3
+GROUP_RETRY_BACKOFF_S = 2.0
+
+
+def _retry_on_storage_error(task, task_run, state) -> bool:
+    """Retry a group only when storage failed (bad data or a conflicting destination will not heal)."""
+    try:
+        state.result()
+    except Exception as exc:
+        return isinstance(exc, StorageError) or is_storage_error(exc)
+    return False
+
+
+@task(name="plan-shards", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(2.0),
+      retry_condition_fn=_retry_on_storage_error)  # fmt: skip
+def plan_task(dataset: str, dest: str, overwrite: bool, **kwargs: Any) -> sharding.ShardPlan:
+    logger = get_run_logger()
+    plan = sharding.plan_shards(dataset, dest, **kwargs)
+    logger.info(
+        "planned %d shard(s) for %s: %d samples, %.1f MB of images, %d quarantined before reading -> %s",
+        len(plan.jobs), plan.dataset_name, plan.total_samples, plan.input_bytes / 1e6, len(plan.bad),
+        describe_endpoint(dest, plan.ctx.storage_options),
+    )  # fmt: skip
+    sharding.prepare_destination(plan, overwrite=overwrite)
+    return plan
+
+
+@task(name="write-shard-group", cache_policy=NO_CACHE, retries=GROUP_RETRIES,
+      retry_delay_seconds=exponential_backoff(GROUP_RETRY_BACKOFF_S), retry_condition_fn=_retry_on_storage_error)  # fmt: skip
+def write_group_task(plan: sharding.ShardPlan, jobs: list[sharding.ShardJob], label: str) -> list[sharding.ShardResult]:
+    logger = get_run_logger()
+    logger.info("%s: writing %d shard(s), %d samples", label, len(jobs), sum(len(j.samples) for j in jobs))
+    results = sharding.write_shards(plan, jobs, workers=1, progress=False)
+    for r in results:
+        logger.info(
+            "%s: shard %s/%06d %s: %d samples, %d bad, %.1f MB, sha256 %s",
+            label, r.split, r.index, "already committed" if r.skipped else "written",
+            r.samples, len(r.bad), r.bytes / 1e6, r.sha256[:12],
+        )  # fmt: skip
+    return results
+
+
+@task(name="commit-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(2.0),
+      retry_condition_fn=_retry_on_storage_error)  # fmt: skip
+def commit_task(plan: sharding.ShardPlan, groups: list[list[sharding.ShardResult]]) -> dict[str, Any]:
+    logger = get_run_logger()
+    manifest = sharding.finalize(plan, [r for g in groups for r in g])
+    logger.info(
+        "committed %s/%s: %d samples (%s), %d captions, %d shard(s), %d bad (report %s)",
+        plan.dest_url.rstrip("/"), sharding.MANIFEST, manifest["totals"]["samples"],
+        ", ".join(f"{k} {v['samples']}" for k, v in manifest["splits"].items()),
+        manifest["totals"]["captions"], manifest["totals"]["shards"], manifest["bad"]["count"], manifest["bad"]["report"],
+    )  # fmt: skip
+    return manifest
+
+
+@flow(name="shard-dataset", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+def shard_dataset_flow(
+    dataset: str,
+    dest: str,
+    format: str | None = None,
+    images: str | None = None,
+    name: str | None = None,
+    splits: list[str] | None = None,
+    maxcount: int = 1000,
+    maxsize: int = 1_000_000_000,
+    shuffle_seed: int | None = None,
+    resize: int | None = None,
+    reencode: str | None = None,
+    max_bad_fraction: float = 0.01,
+    overwrite: bool = False,
+    group_size: int = 8,
+    storage_options: dict[str, Any] | None = None,
+    storage_retries: int = 1,
+    group_retries: int = GROUP_RETRIES,
+    group_retry_backoff_s: float = GROUP_RETRY_BACKOFF_S,
+) -> dict[str, Any]:
+    """Shard DATASET into WebDataset tars at DEST (any fsspec URL); returns a summary of the manifest.
+
+    Storage errors are retried twice over: quickly inside each shard (`storage_retries`), then the whole group
+    task with exponential backoff (`group_retries`, first delay `group_retry_backoff_s`); a retried group skips
+    the shards it already committed. Prefer the worker's standard AWS_* variables for S3 credentials: flow
+    parameters are stored in the Prefect database, so `storage_options` should carry only non-secret settings.
+    """
+    logger = get_run_logger()
+    options = sharding.ShardOptions(
+        maxcount=maxcount, maxsize=maxsize, shuffle_seed=shuffle_seed, splits=tuple(splits) if splits else None,
+        resize=resize, reencode=reencode, max_bad_fraction=max_bad_fraction,
+    )  # fmt: skip
+    plan = plan_task(
+        dataset, dest, overwrite, format=format, images=images, name=name, options=options,
+        storage_options=storage_options or {}, retries=storage_retries, retry_backoff=1.0,
+    )  # fmt: skip
+    groups = [plan.jobs[i : i + max(1, group_size)] for i in range(0, len(plan.jobs), max(1, group_size))]
+    logger.info("writing %d shard(s) in %d group task(s) of up to %d", len(plan.jobs), len(groups), group_size)
+    write_group = write_group_task.with_options(
+        retries=group_retries, retry_delay_seconds=exponential_backoff(group_retry_backoff_s)
+    )
+    futures = [
+        write_group.submit(plan, jobs, f"group {n}/{len(groups)} ({jobs[0].name}..{jobs[-1].name})")
+        for n, jobs in enumerate(groups, 1)
+    ]
+    results = [f.result() for f in futures]
+    manifest = commit_task(plan, results)
+    return {
+        "manifest": f"{dest.rstrip('/')}/{sharding.MANIFEST}",
+        "samples": manifest["totals"]["samples"],
+        "captions": manifest["totals"]["captions"],
+        "shards": manifest["totals"]["shards"],
+        "splits": {k: v["samples"] for k, v in manifest["splits"].items()},
+        "bad": manifest["bad"]["count"],
+    }

@@ -1,0 +1,310 @@
+"""Writing one shard: read and validate each image, stream the tar (hashing on the way), commit it, record it.
+
+Runs in worker processes; everything it needs comes in a picklable `ShardJob` and `WriteContext`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import posixpath
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipelines.shard_plan import (
+    EXT_OF_FORMAT,
+    REENCODE,
+    TAR_BLOCK,
+    TAR_MODE,
+    TAR_MTIME,
+    TAR_OWNER,
+    TAR_RECORD,
+    TMP,
+    ShardJob,
+    ShardOptions,
+    ShardResult,
+    WriteContext,
+    bad_entry,
+)
+from pipelines.storage import (
+    HashingWriter,
+    atomic_write_bytes,
+    commit,
+    full_url,
+    get_fs,
+    is_local,
+    json_bytes,
+    read_json,
+    remove_quietly,
+    safe_join,
+    sha256_of,
+    temp_path,
+    with_retries,
+)
+
+log = logging.getLogger("pipelines.shard")
+
+# ---------------------------------------------------------------------------------------------- one shard
+
+# Where a shard writer reports (samples, image bytes) done: the parent's bar, or a queue in a worker process.
+# Thread-local because the Prefect flow writes several groups of shards in threads of one process.
+_progress = threading.local()
+
+
+def set_progress_sink(sink: Callable[[int, int], None] | None) -> Callable[[int, int], None] | None:
+    """Send this thread's progress reports (samples, image bytes) to `sink`; returns the previous sink."""
+    previous = getattr(_progress, "sink", None)
+    _progress.sink = sink
+    return previous
+
+
+def _report_progress(samples: int, nbytes: int) -> None:
+    sink = getattr(_progress, "sink", None)
+    if sink is not None:
+        sink(samples, nbytes)
+
+
+def _encode_image(data: bytes, info: Any, name: str, options: ShardOptions) -> tuple[bytes, str, dict[str, Any]]:
+    """(image bytes, member extension, json fields): the original bytes unless resizing/re-encoding is asked."""
+    ext = EXT_OF_FORMAT.get(info.format) or posixpath.splitext(name)[1].lstrip(".").lower() or "img"
+    fields = {"width": info.width, "height": info.height, "format": info.format, "mode": info.mode}
+    needs_resize = options.resize is not None and max(info.width, info.height) > options.resize
+    if not needs_resize and (options.reencode is None or REENCODE[options.reencode][0] == info.format):
+        return data, ext, fields
+    from PIL import Image
+
+    from ssjdn.data.images import decode_image
+
+    img = decode_image(data, name)
+    if needs_resize:
+        scale = options.resize / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    target = options.reencode or next((e for e, (f, _) in REENCODE.items() if f == info.format), "png")
+    pil_format, save_kw = REENCODE[target]
+    buf = io.BytesIO()
+    img.save(buf, format=pil_format, **save_kw)
+    fields.update(
+        width=img.width, height=img.height, format=pil_format, mode=img.mode,
+        original={"width": info.width, "height": info.height, "format": info.format},
+    )  # fmt: skip
+    return buf.getvalue(), target, fields
+
+
+def _sample_members(sample, options: ShardOptions, dataset: str) -> tuple[dict[str, bytes], int]:
+    """The tar members of one `Sample` (reads and validates its image); raises for a bad sample."""
+    from ssjdn.data.images import check_image, read_image_bytes
+
+    # Sample.metadata() without its deep copy (dataclasses.asdict): a third of the per-sample Python overhead.
+    meta = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample) if f.name != "image"}
+    data = sample.image if sample.image is not None else read_image_bytes(sample.source)
+    name = meta.get("filename") or meta["source"]
+    info = check_image(data, name)  # decodes once (truncation shows): format, size, mode; or ImageDecodeError
+    image, ext, image_fields = _encode_image(data, info, name, options)
+    doc = {**meta, **image_fields, "dataset": dataset}
+    members = {
+        "__key__": meta["key"],
+        ext: image,
+        "json": json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+        "txt": meta["captions"][0].encode("utf-8"),
+    }
+    if meta.get("class_index") is not None:
+        members["cls"] = str(meta["class_index"]).encode("ascii")
+    return members, len(data)
+
+
+def _is_bad_sample_error(exc: BaseException) -> bool:
+    from ssjdn.data.errors import DataError
+
+    return isinstance(exc, (DataError, FileNotFoundError, IsADirectoryError))
+
+
+class TarStream:
+    """Minimal deterministic tar writer: USTAR headers with fixed owner, mode and mtime; members in given order.
+
+    Why not `wds.TarWriter`/`tarfile`: tarfile's stream mode costs ~0.5 ms per sample here (header building in
+    Python plus buffer copies) against ~0.08 ms for headers built from a template (docs/sharding.md).
+    The output is a plain POSIX tar that `tarfile`, GNU tar and webdataset read. Names over 100 bytes fall
+    back to tarfile's own PAX header so nothing is ever truncated.
+    """
+
+    RECORD = TAR_RECORD
+
+    def __init__(self, out) -> None:
+        self.out = out
+        self.written = 0
+        template = bytearray(TAR_BLOCK)
+        template[100:108] = b"%07o\x00" % TAR_MODE
+        template[108:124] = b"0000000\x000000000\x00"  # uid, gid
+        template[136:148] = b"%011o\x00" % TAR_MTIME
+        template[156:157] = b"0"  # regular file
+        template[257:265] = b"ustar\x0000"
+        owner = TAR_OWNER.encode()
+        template[265 : 265 + len(owner)] = owner
+        template[297 : 297 + len(owner)] = owner
+        template[329:345] = b"0000000\x000000000\x00"  # devmajor, devminor
+        self.template = bytes(template)
+
+    def _header(self, name: str, size: int) -> bytes:
+        raw = name.encode("utf-8")
+        if len(raw) > 100 or not name.isascii():
+            import tarfile
+
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode = size, TAR_MTIME, TAR_MODE
+            ti.uname = ti.gname = TAR_OWNER
+            return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+        h = bytearray(self.template)
+        h[0 : len(raw)] = raw
+        h[124:136] = b"%011o\x00" % size
+        h[148:156] = b"        "
+        h[148:155] = b"%06o\x00" % sum(h)
+        return bytes(h)
+
+    def _write(self, data) -> None:
+        self.out.write(data)
+        self.written += len(data)
+
+    def add(self, name: str, data: bytes) -> None:
+        self._write(self._header(name, len(data)))
+        self._write(data)
+        if len(data) % TAR_BLOCK:
+            self._write(bytes(TAR_BLOCK - len(data) % TAR_BLOCK))
+
+    def write_sample(self, sample: dict[str, bytes]) -> None:
+        """`{"__key__": k, ext: bytes, ...}` -> members `k.ext` in sorted extension order (as webdataset)."""
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if not k.startswith("_")):
+            self.add(f"{key}.{ext}", sample[ext])
+
+    def close(self) -> None:
+        end = self.written + 2 * TAR_BLOCK
+        self._write(bytes(2 * TAR_BLOCK + (-end % self.RECORD)))
+
+
+def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -> ShardResult:
+    final = safe_join(root, job.path)
+    tmp = temp_path(final, safe_join(root, TMP, job.split))
+    bad: list[dict[str, Any]] = []
+    keys: list[str] = []
+    captions = input_bytes = 0
+    if is_local(fs):
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    try:
+        # We open and close the stream ourselves: on S3 the object only exists once close() returns.
+        with (open(tmp, "wb") if is_local(fs) else fs.open(tmp, "wb")) as raw:
+            out = HashingWriter(raw)
+            tar = TarStream(out)
+            for planned in job.samples:
+                sample = planned.sample
+                try:
+                    members, n_in = _sample_members(sample, ctx.options, dataset)
+                except Exception as exc:
+                    if not _is_bad_sample_error(exc):
+                        raise
+                    bad.append(bad_entry(sample.metadata(), f"{type(exc).__name__}: {exc}", "image", job.name))
+                    _report_progress(1, 0)
+                    continue
+                tar.write_sample(members)
+                keys.append(sample.key)
+                captions += len(sample.captions)
+                input_bytes += n_in
+                _report_progress(1, n_in)
+            tar.close()
+        commit(fs, tmp, final)
+    except BaseException:
+        remove_quietly(fs, tmp)
+        raise
+    return ShardResult(
+        split=job.split,
+        index=job.index,
+        path=job.path,
+        digest=job.digest,
+        samples=len(keys),
+        captions=captions,
+        bytes=out.size,
+        sha256=out.hexdigest(),
+        first_key=keys[0] if keys else None,
+        last_key=keys[-1] if keys else None,
+        input_bytes=input_bytes,
+        bad=bad,
+    )
+
+
+def _committed(job: ShardJob, fs, root: str) -> ShardResult | None:
+    """The recorded result when this exact shard is already committed and its bytes still hash right."""
+    rec = read_json(fs, safe_join(root, job.stats_path))
+    if not rec or rec.get("digest") != job.digest:
+        return None
+    try:
+        sha, size = sha256_of(fs, safe_join(root, job.path))
+    except FileNotFoundError:
+        return None
+    if sha != rec.get("sha256") or size != rec.get("bytes"):
+        log.warning("shard %s: stored bytes do not match its record; rewriting it", job.name)
+        return None
+    return ShardResult.from_record(rec)
+
+
+def write_shard(job: ShardJob, ctx: WriteContext, dataset: str) -> ShardResult:
+    """Write (or verify and skip) one shard, then its per-shard record. Storage errors are retried.
+
+    Safe to run concurrently with other shards and to kill at any point: the shard only appears under its
+    final name when complete, and its record is written after it.
+    """
+    fs, root = get_fs(ctx.dest_url, ctx.storage_options)
+    where = f"shard {job.name} -> {full_url(fs, safe_join(root, job.path))}"
+
+    def attempt() -> ShardResult:
+        done = _committed(job, fs, root)
+        if done is not None:
+            _report_progress(len(job.samples), 0)
+            return done
+        result = _write_once(job, ctx, fs, root, dataset)
+        atomic_write_bytes(fs, safe_join(root, job.stats_path), json_bytes(result.record()), safe_join(root, TMP))
+        return result
+
+    result = with_retries(attempt, what=where, retries=ctx.retries, backoff=ctx.retry_backoff)
+    log.debug(
+        "%s: %s (%d samples, %d bad, %.1f MB, sha256 %s)",
+        where, "already committed" if result.skipped else "committed",
+        result.samples, len(result.bad), result.bytes / 1e6, result.sha256[:12],
+    )  # fmt: skip
+    return result
+
+
+def init_worker(q) -> None:
+    """Worker-process initializer: progress goes back to the parent through `q`, a few times a second."""
+    pending = [0, 0, time.monotonic()]
+
+    def sink(samples: int, nbytes: int) -> None:
+        pending[0] += samples
+        pending[1] += nbytes
+        now = time.monotonic()
+        if now - pending[2] > 0.2:
+            q.put((pending[0], pending[1]))
+            pending[0] = pending[1] = 0
+            pending[2] = now
+
+    def flush() -> None:
+        if pending[0] or pending[1]:
+            q.put((pending[0], pending[1]))
+            pending[0] = pending[1] = 0
+
+    sink.flush = flush  # type: ignore[attr-defined]
+    _progress.sink = sink
+
+
+def write_shard_in_worker(job: ShardJob, ctx: WriteContext, dataset: str) -> ShardResult:
+    try:
+        return write_shard(job, ctx, dataset)
+    finally:
+        flush = getattr(getattr(_progress, "sink", None), "flush", None)
+        if flush:
+            flush()
+
+
