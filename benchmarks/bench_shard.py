@@ -3,8 +3,11 @@
     .venv/bin/python -m benchmarks.bench_shard [--data ../shared/data/ucm-captions] [--workers 2] [--repeat 3]
 
 Throughput: both read the same (page-cached) image files and write to the same scratch folder. `tar` only
-copies bytes; `ssjdn shard` also reads the dataset description, decodes every image once (validation on),
-writes json/txt/cls members, hashes every byte and commits each shard by rename. Best of `--repeat` runs each.
+copies bytes; `ssjdn shard` also reads the dataset description, validates every image, writes json/txt/cls
+members, hashes every byte and commits each shard by rename. Both validation levels are measured in the same
+run: `structure` (the default: header + the file is complete, no pixel decoding) and `full` (decode every
+image). Best of `--repeat` runs each, runs of the different commands interleaved so that a burst of load on a
+shared machine hits all of them alike. The floors below say what parts cost on their own, in one process.
 Memory: a fresh process shards N and 10N samples (the UCM images listed 10x under new names, via symlinks);
 peak RSS of the whole process tree (parent + writer processes) is sampled every 20 ms.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -36,43 +40,84 @@ def _warm(files: list[Path]) -> int:
     return sum(len(p.read_bytes()) for p in files)
 
 
-def time_tar(data: Path, files: list[Path], scratch: Path, repeat: int) -> float:
+class Clock:
+    """Wall seconds and CPU seconds (user + system, this process and its finished children) of a block.
+
+    On a shared, loaded machine wall time swings with other people's jobs; CPU time much less so."""
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, _cpu_seconds() - self.cpu
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def time_tar(files: list[Path], scratch: Path) -> Clock:
     image_root = files[0].parent
     names = scratch / "names.txt"
     names.write_text("\n".join(str(p.relative_to(image_root)) for p in files) + "\n")
-    best = float("inf")
-    for _ in range(repeat):
-        out = scratch / "ref.tar"
-        t0 = time.perf_counter()
+    out = scratch / "ref.tar"
+    with Clock() as clock:
         subprocess.run(["tar", "-cf", str(out), "-C", str(image_root), "-T", str(names)], check=True)
-        best = min(best, time.perf_counter() - t0)
-        out.unlink()
-    return best
+    out.unlink()
+    return clock
 
 
-def time_shard(data: Path, scratch: Path, repeat: int, workers: int) -> tuple[float, dict]:
+class _WorkerStarts(logging.Handler):
+    """Counts the worker processes `pipelines.shard` starts (it starts them only when the work outlasts them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.started = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("started %d worker process"):
+            self.started += record.args[0]
+
+
+def time_shard(data: Path, scratch: Path, workers: int, validate: str) -> tuple[Clock, dict, int]:
     from pipelines.shard import shard_dataset
 
-    best, manifest = float("inf"), {}
-    for i in range(repeat):
-        dest = scratch / f"shards-{i}"
-        t0 = time.perf_counter()
-        result = shard_dataset(data, str(dest), workers=workers, progress=False)
-        best = min(best, time.perf_counter() - t0)
-        manifest = result.manifest
-        shutil.rmtree(dest)
-    return best, manifest
+    dest = scratch / f"shards-{validate}"
+    logger, starts = logging.getLogger("pipelines.shard"), _WorkerStarts()
+    level, logger.level = logger.level, logging.DEBUG
+    logger.addHandler(starts)
+    try:
+        with Clock() as clock:  # worker processes (if any) have exited when shard_dataset returns: CPU counted
+            result = shard_dataset(data, str(dest), workers=workers, validate=validate, progress=False)
+    finally:
+        logger.removeHandler(starts)
+        logger.setLevel(level)
+    shutil.rmtree(dest)
+    return clock, result.manifest, starts.started
 
 
-def time_validation_only(files: list[Path]) -> float:
-    """The floor: decoding every image once in one process (what validation costs by itself)."""
+def time_plan(data: Path, scratch: Path) -> Clock:
+    """Reading the dataset description and planning the shards (stat every file; no image is read)."""
+    from pipelines.shard import plan_shards
+
+    with Clock() as clock:
+        plan_shards(data, str(scratch / "plan-only"))
+    return clock
+
+
+def time_validation_only(files: list[Path], level: str) -> Clock:
+    """Validating every (already read) image once in one process: what that level costs by itself."""
     from ssjdn.data.images import check_image
 
     blobs = [(p.read_bytes(), p.name) for p in files]
-    t0 = time.perf_counter()
-    for data, name in blobs:
-        check_image(data, name)
-    return time.perf_counter() - t0
+    with Clock() as clock:
+        for data, name in blobs:
+            check_image(data, name, level=level)
+    return clock
 
 
 def make_repeated_dataset(data: Path, out: Path, times: int) -> Path:
@@ -90,12 +135,13 @@ def make_repeated_dataset(data: Path, out: Path, times: int) -> Path:
     return out
 
 
-def peak_tree_rss(cmd: list[str]) -> tuple[int, int, int, float]:
-    """(peak RSS of the whole process tree, of the parent, of the largest child, seconds) of a command."""
+def peak_tree_rss(cmd: list[str], log: Path) -> tuple[int, int, int, float]:
+    """(peak RSS of the whole process tree, of the parent, of the largest child (0: none), seconds) of a command."""
     import psutil
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO)
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
     ps = psutil.Process(proc.pid)
     peak_tree = peak_parent = peak_child = 0
     stop = threading.Event()
@@ -118,7 +164,7 @@ def peak_tree_rss(cmd: list[str]) -> tuple[int, int, int, float]:
     stop.set()
     t.join()
     if rc:
-        raise SystemExit(f"{' '.join(cmd)} failed with {rc}")
+        raise SystemExit(f"{' '.join(cmd)} failed with {rc}:\n{log.read_text()[-3000:]}")
     return peak_tree, peak_parent, peak_child, time.perf_counter() - t0
 
 
@@ -139,20 +185,44 @@ def main(argv: list[str] | None = None) -> int:
         files = _image_files(args.data)
         nbytes = _warm(files)
         n = len(files)
-        t_tar = time_tar(args.data, files, scratch, args.repeat)
-        t_shard, manifest = time_shard(args.data, scratch, args.repeat, args.workers)
-        t_val = time_validation_only(files)
-        assert manifest["totals"]["samples"] == n
-        print(f"data: {args.data} ({n} images, {nbytes / 1e6:.1f} MB); scratch: {scratch}; CPUs: {os.cpu_count()}")
-        print(f"{'':34}{'seconds':>9}{'samples/s':>12}{'MB/s':>9}")
+        levels = ("structure", "full")
+        runs: dict[str, list[Clock]] = {k: [] for k in ("tar", "plan", *levels)}
+        procs: dict[str, list[int]] = {level: [] for level in levels}
+        for _ in range(args.repeat):  # interleaved: a burst of load elsewhere hits every command alike
+            runs["tar"].append(time_tar(files, scratch))
+            for level in levels:
+                clock, manifest, started = time_shard(args.data, scratch, args.workers, level)
+                assert manifest["totals"]["samples"] == n and manifest["options"]["validate"] == level
+                runs[level].append(clock)
+                procs[level].append(started)
+            runs["plan"].append(time_plan(args.data, scratch))
+        best = {k: min(c.wall for c in v) for k, v in runs.items()}
+        cpu = {k: min(c.cpu for c in v) for k, v in runs.items()}
+        floors = {level: time_validation_only(files, level) for level in levels}
+        best.update({f"floor-{lv}": c.wall for lv, c in floors.items()})
+        cpu.update({f"floor-{lv}": c.cpu for lv, c in floors.items()})
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(
+            f"data: {args.data} ({n} images, {nbytes / 1e6:.1f} MB); scratch: {scratch}; CPUs: {os.cpu_count()}; "
+            f"load average {load:.1f}; best of {args.repeat}"
+        )
+        width = 54
+        print(f"{'':{width}}{'seconds':>9}{'samples/s':>12}{'MB/s':>9}{'vs tar':>8}{'CPU s':>8}")
         rows = [
-            ("tar -cf (copy only)", t_tar),
-            (f"ssjdn shard, validation on, {args.workers} workers", t_shard),
-            ("validation alone (1 process)", t_val),
+            ("tar -cf (copy only)", "tar"),
+            *((f"ssjdn shard --validate {lv}, {args.workers} workers", lv) for lv in levels),
+            ("  floor: read dataset.json + plan (no image read)", "plan"),
+            *((f"  floor: check_image level={lv} alone, 1 process", f"floor-{lv}") for lv in levels),
         ]
-        for label, t in rows:
-            print(f"{label:34}{t:9.2f}{n / t:12.0f}{nbytes / 1e6 / t:9.1f}")
-        print(f"throughput ratio shard / tar: {t_tar / t_shard:.3f}  (goal >= 0.5)")
+        for label, k in rows:
+            t = best[k]
+            print(f"{label:{width}}{t:9.2f}{n / t:12.0f}{nbytes / 1e6 / t:9.1f}{best['tar'] / t:8.3f}{cpu[k]:8.2f}")
+        for level in levels:
+            spread = ", ".join(f"{c.wall:.2f}" for c in runs[level])
+            print(
+                f"throughput ratio shard / tar, --validate {level}: {best['tar'] / best[level]:.3f}  (goal >= 0.5); "
+                f"runs: {spread} s; worker processes started: {procs[level]}"
+            )
 
         if not args.skip_memory:
             big = make_repeated_dataset(args.data, scratch / "big", args.scale)
@@ -161,15 +231,19 @@ def main(argv: list[str] | None = None) -> int:
                 dest = scratch / f"mem-{len(results)}"
                 cmd = [sys.executable, "-m", "pipelines.cli", "shard", str(ds), str(dest), "--no-progress",
                        "--workers", str(args.workers)]  # fmt: skip
-                results.append((label, *peak_tree_rss(cmd)))
+                results.append((label, *peak_tree_rss(cmd, scratch / "mem.log")))
                 shutil.rmtree(dest)
-            print(f"{'peak RSS, MB':34}{'tree':>9}{'parent':>12}{'worker':>9}{'seconds':>9}")
+            # The parent writes shards too; worker processes start only when the work outlasts their start-up.
+            print(f"{'peak RSS, MB (--validate structure)':40}{'tree':>9}{'parent':>9}{'worker':>9}{'seconds':>9}")
             for label, tree, parent, child, secs in results:
-                print(f"{label:34}{tree / 2**20:9.0f}{parent / 2**20:12.0f}{child / 2**20:9.0f}{secs:9.1f}")
+                worker = f"{child / 2**20:9.0f}" if child else f"{'none':>9}"
+                print(f"{label:40}{tree / 2**20:9.0f}{parent / 2**20:9.0f}{worker}{secs:9.1f}")
             (_, t1, p1, c1, _), (_, t10, p10, c10, _) = results
+            worker_ratio = f", worker {c10 / c1:.2f}" if c1 and c10 else ""
             print(
-                f"peak memory ratio {args.scale}x / 1x: tree {t10 / t1:.2f}, parent {p10 / p1:.2f}, "
-                f"worker {c10 / c1:.2f}  (goal: flat, ~1.0; the parent holds the dataset's metadata)"
+                f"peak memory ratio {args.scale}x / 1x: tree {t10 / t1:.2f}, parent {p10 / p1:.2f}{worker_ratio}  "
+                f"(goal: flat, ~1.0; the parent holds the dataset's metadata; a run too small to start a worker "
+                f"process is one process, so 'tree' then compares 1 process with {args.workers})"
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

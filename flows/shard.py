@@ -86,6 +86,7 @@ def shard_dataset_flow(
     shuffle_seed: int | None = None,
     resize: int | None = None,
     reencode: str | None = None,
+    validation: str = "structure",  # `validate=` of shard_dataset; that name would shadow pydantic's BaseModel.validate
     max_bad_fraction: float = 0.01,
     overwrite: bool = False,
     group_size: int = 8,
@@ -104,7 +105,7 @@ def shard_dataset_flow(
     logger = get_run_logger()
     options = sharding.ShardOptions(
         maxcount=maxcount, maxsize=maxsize, shuffle_seed=shuffle_seed, splits=tuple(splits) if splits else None,
-        resize=resize, reencode=reencode, max_bad_fraction=max_bad_fraction,
+        resize=resize, reencode=reencode, validate=validation, max_bad_fraction=max_bad_fraction,
     )  # fmt: skip
     plan = plan_task(
         dataset, dest, overwrite, format=format, images=images, name=name, options=options,

@@ -9,7 +9,7 @@ Layout (see docs/sharding.md):
     DEST/_manifest.json                   the commit point, written last and atomically
 
 The run is planned up front: the shard -> samples assignment is a pure function of the input and the output
-options, so every shard is an independent unit of work (spread over `workers` processes) whose bytes are
+options, so every shard is an independent unit of work (spread over `workers` writers) whose bytes are
 identical on every run. A re-run skips shards whose per-shard record matches the plan and whose stored bytes
 hash to the recorded sha256, and redoes the rest; the manifest is only written once every shard is in place.
 """
@@ -21,6 +21,7 @@ import logging
 import os
 import posixpath
 import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -54,6 +55,7 @@ from pipelines.shard_write import (
     TarStream,
     init_worker,
     set_progress_sink,
+    worker_ready,
     write_shard,
     write_shard_in_worker,
 )
@@ -183,12 +185,14 @@ class _Progress:
         self.bar = tqdm(total=total, unit="sample", desc=desc, disable=not enabled, dynamic_ncols=True)
         self.bytes = 0
         self.t0 = time.monotonic()
+        self.lock = threading.Lock()  # the parent's writer thread and the main thread both report
 
     def update(self, samples: int, nbytes: int) -> None:
-        self.bytes += nbytes
-        self.bar.update(samples)
-        dt = max(time.monotonic() - self.t0, 1e-6)
-        self.bar.set_postfix_str(f"{self.bytes / 1e6 / dt:.1f} MB/s", refresh=False)
+        with self.lock:
+            self.bytes += nbytes
+            self.bar.update(samples)
+            dt = max(time.monotonic() - self.t0, 1e-6)
+            self.bar.set_postfix_str(f"{self.bytes / 1e6 / dt:.1f} MB/s", refresh=False)
 
     def close(self) -> None:
         self.bar.close()
@@ -202,7 +206,8 @@ def write_shards(
     progress: bool = True,
     on_result: Callable[[ShardResult], None] | None = None,
 ) -> list[ShardResult]:
-    """Write `jobs` (default: the whole plan) with `workers` processes; returns results in plan order.
+    """Write `jobs` (default: the whole plan) with `workers` writers - this process plus `workers - 1` worker
+    processes (see `_run_pool`); returns results in plan order.
 
     Stops early - without a manifest - when a shard keeps failing on storage or when the bad samples
     already exceed `max_bad_fraction` of the whole plan.
@@ -240,35 +245,109 @@ def write_shards(
     return [results[(j.split, j.index)] for j in jobs]
 
 
+class _Stopped(Exception):
+    """Raised inside the parent's writer thread (at its next sample) once the run is stopping."""
+
+
+# Worker processes are started only when the shards nobody has taken yet would keep this process busy for
+# longer than this. A worker costs 0.6-1.6 s of CPU before it writes anything (interpreter, imports, filesystem;
+# measured on the busy 2-core dev box) and competes with this process meanwhile; below about twice that, runs
+# that started one were measured slower (UCM with --validate full: 1.7 s without, 3.0-3.2 s with one).
+# 0 starts the workers right away.
+MIN_WORK_FOR_WORKERS_S = 2.0
+
+
 def _run_pool(jobs: list[ShardJob], plan: ShardPlan, workers: int, bar: _Progress, accept) -> None:
+    """`workers` writers: a thread of this (already warm) process plus up to `workers - 1` spawned processes.
+
+    This process starts writing at once. Worker processes are started only once the shards nobody has taken
+    yet would keep this process busy for longer than `MIN_WORK_FOR_WORKERS_S` (judged from its rate so far),
+    and a worker is handed a shard only once it has started: no shard waits for a process
+    that is not ready, and a small run is simply written here. Shards go one at a time to whichever writer
+    is free; their bytes do not depend on which one writes them.
+    """
     import concurrent.futures as cf
     import multiprocessing as mp
+    from collections import deque
 
-    # spawn, not fork: the parent may already hold s3fs's event-loop thread and open connections.
-    mpctx = mp.get_context("spawn")
-    q = mpctx.Queue()
-    pool = cf.ProcessPoolExecutor(
-        max_workers=min(workers, len(jobs)), mp_context=mpctx, initializer=init_worker, initargs=(q,)
-    )
+    todo = deque(jobs)
+    stop = threading.Event()
+    done_here = [0]  # samples this process has written (its rate decides whether workers are worth starting)
+
+    def report_here(samples: int, nbytes: int) -> None:
+        if stop.is_set():  # a cancellation point per sample: the failure elsewhere is reported, not this
+            raise _Stopped("run stopping")
+        done_here[0] += samples
+        bar.update(samples, nbytes)
+
+    def write_here(job: ShardJob) -> ShardResult:
+        saved = set_progress_sink(report_here)
+        try:
+            return write_shard(job, plan.ctx, plan.dataset_name)
+        finally:
+            set_progress_sink(saved)
+
+    here = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    procs: cf.ProcessPoolExecutor | None = None
+    q = None
+    running: dict[cf.Future, tuple[cf.Executor, ShardJob | None]] = {}
+    t0 = time.monotonic()
+
+    def hand_out(executor: cf.Executor) -> None:
+        if todo:
+            job = todo.popleft()
+            if executor is here:
+                running[here.submit(write_here, job)] = (here, job)
+            else:
+                running[executor.submit(write_shard_in_worker, job, plan.ctx, plan.dataset_name)] = (executor, job)
+
+    def start_workers_if_worth_it() -> None:
+        nonlocal procs, q
+        if procs is not None or not todo:
+            return
+        if MIN_WORK_FOR_WORKERS_S > 0:
+            elapsed = time.monotonic() - t0
+            if not done_here[0] or elapsed < 0.25:  # no steady rate yet
+                return
+            if sum(len(j.samples) for j in todo) * elapsed / done_here[0] <= MIN_WORK_FOR_WORKERS_S:
+                return
+        # spawn, not fork: the parent may already hold s3fs's event-loop thread and open connections.
+        mpctx = mp.get_context("spawn")
+        q = mpctx.Queue()
+        n = min(workers - 1, len(todo))
+        procs = cf.ProcessPoolExecutor(max_workers=n, mp_context=mpctx, initializer=init_worker, initargs=(q,))
+        for _ in range(n):  # each submit starts one process; its first task says when it is ready
+            running[procs.submit(worker_ready, plan.ctx)] = (procs, None)
+        log.debug("started %d worker process(es) for %d remaining shard(s)", n, len(todo))
+
     try:
-        pending = {pool.submit(write_shard_in_worker, j, plan.ctx, plan.dataset_name): j for j in jobs}
-        while pending:
-            done, _ = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-            _drain(q, bar)
+        start_workers_if_worth_it()
+        hand_out(here)
+        while running:
+            done, _ = cf.wait(running, timeout=0.1, return_when=cf.FIRST_COMPLETED)
+            if q is not None:
+                _drain(q, bar)
             for fut in done:
-                job = pending.pop(fut)
+                executor, job = running.pop(fut)
                 try:
-                    accept(fut.result())
-                except StorageError:
-                    raise
-                except ShardError:
+                    result = fut.result()
+                except (StorageError, ShardError):
                     raise
                 except Exception as exc:
-                    raise ShardError(f"shard {job.name} failed: {type(exc).__name__}: {exc}") from exc
-        _drain(q, bar)
+                    what = f"shard {job.name}" if job else "starting a worker process"
+                    raise ShardError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+                if job is not None:
+                    accept(result)
+                hand_out(executor)
+            start_workers_if_worth_it()
+        if q is not None:
+            _drain(q, bar)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        q.close()
+        stop.set()
+        here.shutdown(wait=True, cancel_futures=True)
+        if procs is not None:
+            procs.shutdown(wait=True, cancel_futures=True)
+            q.close()
 
 
 def _drain(q, bar: _Progress) -> None:
@@ -412,6 +491,7 @@ def shard_dataset(
     shuffle_seed: int | None = None,
     resize: int | None = None,
     reencode: str | None = None,
+    validate: str = "structure",
     max_bad_fraction: float = 0.01,
     workers: int = 1,
     overwrite: bool = False,
@@ -435,6 +515,7 @@ def shard_dataset(
         splits=tuple(splits) if splits else None,
         resize=resize,
         reencode=reencode,
+        validate=validate,
         max_bad_fraction=max_bad_fraction,
     )
     plan = plan_shards(

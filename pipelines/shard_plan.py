@@ -67,6 +67,7 @@ class ShardOptions:
     splits: tuple[str, ...] | None = None  # None: every split the dataset has
     resize: int | None = None  # longer side, pixels; only ever shrinks
     reencode: str | None = None  # one of REENCODE
+    validate: str = "structure"  # "structure" (header + completeness) or "full" (decode): decides what gets in
     max_bad_fraction: float = 0.01
 
     def __post_init__(self) -> None:
@@ -78,6 +79,10 @@ class ShardOptions:
                 raise ValueError(f"unknown split(s) {unknown}; expected some of {', '.join(SPLIT_ORDER)}")
         if self.reencode is not None and self.reencode not in REENCODE:
             raise ValueError(f"--reencode {self.reencode!r}: expected one of {', '.join(REENCODE)}")
+        from ssjdn.data.images import VALIDATION_LEVELS
+
+        if self.validate not in VALIDATION_LEVELS:
+            raise ValueError(f"--validate {self.validate!r}: expected one of {', '.join(VALIDATION_LEVELS)}")
         if self.resize is not None and self.resize < 1:
             raise ValueError(f"--resize must be a positive number of pixels (got {self.resize})")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

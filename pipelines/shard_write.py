@@ -1,6 +1,8 @@
 """Writing one shard: read and validate each image, stream the tar (hashing on the way), commit it, record it.
 
-Runs in worker processes; everything it needs comes in a picklable `ShardJob` and `WriteContext`.
+Runs in worker processes (or a thread of the parent); everything it needs comes in a picklable `ShardJob` and
+`WriteContext`. Per sample the hot path is: one read of the file, one header parse plus a structural check (or
+one decode with `validate="full"`), one json dump, one write and one hash update of the sample's tar bytes.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ def set_progress_sink(sink: Callable[[int, int], None] | None) -> Callable[[int,
     return previous
 
 
+def _no_progress(samples: int, nbytes: int) -> None:
+    pass
+
+
 def _report_progress(samples: int, nbytes: int) -> None:
     sink = getattr(_progress, "sink", None)
     if sink is not None:
@@ -95,15 +101,27 @@ def _encode_image(data: bytes, info: Any, name: str, options: ShardOptions) -> t
     return buf.getvalue(), target, fields
 
 
+_META_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _meta_fields(cls: type) -> tuple[str, ...]:
+    """The `Sample` fields that go into the json member (all but the image bytes), looked up once per class."""
+    names = _META_FIELDS.get(cls)
+    if names is None:
+        names = _META_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls) if f.name != "image")
+    return names
+
+
 def _sample_members(sample, options: ShardOptions, dataset: str) -> tuple[dict[str, bytes], int]:
     """The tar members of one `Sample` (reads and validates its image); raises for a bad sample."""
     from ssjdn.data.images import check_image, read_image_bytes
 
     # Sample.metadata() without its deep copy (dataclasses.asdict): a third of the per-sample Python overhead.
-    meta = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample) if f.name != "image"}
+    meta = {f: getattr(sample, f) for f in _meta_fields(type(sample))}
     data = sample.image if sample.image is not None else read_image_bytes(sample.source)
     name = meta.get("filename") or meta["source"]
-    info = check_image(data, name)  # decodes once (truncation shows): format, size, mode; or ImageDecodeError
+    # One open of the file: format, size, mode, plus the structural check or the full decode; or ImageDecodeError.
+    info = check_image(data, name, level=options.validate)
     image, ext, image_fields = _encode_image(data, info, name, options)
     doc = {**meta, **image_fields, "dataset": dataset}
     members = {
@@ -133,11 +151,13 @@ class TarStream:
     """
 
     RECORD = TAR_RECORD
+    JOIN_LIMIT = 1 << 20  # samples up to this size are joined into one write; larger members go through as they are
 
     def __init__(self, out) -> None:
         self.out = out
         self.written = 0
         template = bytearray(TAR_BLOCK)
+        template[148:156] = b"        "  # the checksum field counts as spaces while summing
         template[100:108] = b"%07o\x00" % TAR_MODE
         template[108:124] = b"0000000\x000000000\x00"  # uid, gid
         template[136:148] = b"%011o\x00" % TAR_MTIME
@@ -148,6 +168,7 @@ class TarStream:
         template[297 : 297 + len(owner)] = owner
         template[329:345] = b"0000000\x000000000\x00"  # devmajor, devminor
         self.template = bytes(template)
+        self.template_sum = sum(template)  # name and size fields are still zero here
 
     def _header(self, name: str, size: int) -> bytes:
         raw = name.encode("utf-8")
@@ -160,26 +181,40 @@ class TarStream:
             return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
         h = bytearray(self.template)
         h[0 : len(raw)] = raw
-        h[124:136] = b"%011o\x00" % size
-        h[148:156] = b"        "
-        h[148:155] = b"%06o\x00" % sum(h)
+        size_field = b"%011o\x00" % size
+        h[124:136] = size_field
+        # The checksum is the byte sum of the header: the template's plus what was filled in (no 512-byte sum).
+        h[148:156] = b"%06o\x00 " % (self.template_sum + sum(raw) + sum(size_field))
         return bytes(h)
 
     def _write(self, data) -> None:
         self.out.write(data)
         self.written += len(data)
 
-    def add(self, name: str, data: bytes) -> None:
-        self._write(self._header(name, len(data)))
-        self._write(data)
+    def _member(self, name: str, data: bytes) -> list[bytes]:
+        parts = [self._header(name, len(data)), data]
         if len(data) % TAR_BLOCK:
-            self._write(bytes(TAR_BLOCK - len(data) % TAR_BLOCK))
+            parts.append(bytes(TAR_BLOCK - len(data) % TAR_BLOCK))
+        return parts
+
+    def _write_parts(self, parts: list[bytes]) -> None:
+        """One write (and so one hash update) for a small sample; large members are not copied into a buffer."""
+        if sum(map(len, parts)) <= self.JOIN_LIMIT:
+            self._write(b"".join(parts))
+        else:
+            for part in parts:
+                self._write(part)
+
+    def add(self, name: str, data: bytes) -> None:
+        self._write_parts(self._member(name, data))
 
     def write_sample(self, sample: dict[str, bytes]) -> None:
         """`{"__key__": k, ext: bytes, ...}` -> members `k.ext` in sorted extension order (as webdataset)."""
         key = sample["__key__"]
+        parts: list[bytes] = []
         for ext in sorted(k for k in sample if not k.startswith("_")):
-            self.add(f"{key}.{ext}", sample[ext])
+            parts += self._member(f"{key}.{ext}", sample[ext])
+        self._write_parts(parts)
 
     def close(self) -> None:
         end = self.written + 2 * TAR_BLOCK
@@ -192,6 +227,7 @@ def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -
     bad: list[dict[str, Any]] = []
     keys: list[str] = []
     captions = input_bytes = 0
+    report = getattr(_progress, "sink", None) or _no_progress  # looked up once, not per sample
     if is_local(fs):
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
     try:
@@ -207,13 +243,13 @@ def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -
                     if not _is_bad_sample_error(exc):
                         raise
                     bad.append(bad_entry(sample.metadata(), f"{type(exc).__name__}: {exc}", "image", job.name))
-                    _report_progress(1, 0)
+                    report(1, 0)
                     continue
                 tar.write_sample(members)
                 keys.append(sample.key)
                 captions += len(sample.captions)
                 input_bytes += n_in
-                _report_progress(1, n_in)
+                report(1, n_in)
             tar.close()
         commit(fs, tmp, final)
     except BaseException:
@@ -297,6 +333,14 @@ def init_worker(q) -> None:
 
     sink.flush = flush  # type: ignore[attr-defined]
     _progress.sink = sink
+
+
+def worker_ready(ctx: WriteContext) -> None:
+    """First task of a worker process: pay the imports and the filesystem setup, then report ready, so the
+    parent hands this worker a shard only once it can start on it right away."""
+    import ssjdn.data.images  # noqa: F401
+
+    get_fs(ctx.dest_url, ctx.storage_options)
 
 
 def write_shard_in_worker(job: ShardJob, ctx: WriteContext, dataset: str) -> ShardResult:

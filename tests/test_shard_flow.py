@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from pipelines.shards_read import read_manifest
 from pipelines.storage import StorageError
 from ssjdn.data.readers import load_dataset
 from ssjdn.data.synthetic import generate_synthetic
@@ -26,12 +27,15 @@ def test_shard_dataset_flow_writes_shards_and_records_the_run(prefect_server, s3
 
     data = generate_synthetic(tmp_path / "syn", n_per_class=3, size=32, seed=5)
     dest = f"s3://{s3_bucket}/flow"
-    state = shard_dataset_flow(dataset=str(data), dest=dest, maxcount=4, group_size=2, return_state=True)
+    state = shard_dataset_flow(
+        dataset=str(data), dest=dest, maxcount=4, group_size=2, validation="full", return_state=True
+    )
     assert state.is_completed(), state
     summary = state.result()
     expected = load_dataset(data)
     assert summary["samples"] == 30 and summary["splits"] == expected.split_counts() and summary["bad"] == 0
     assert summary["manifest"] == f"{dest}/_manifest.json"
+    assert read_manifest(dest)["options"]["validate"] == "full"
     assert set(read_back(dest)) == {s.key for s in expected.samples}
 
     run_id = state.state_details.flow_run_id

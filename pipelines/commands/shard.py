@@ -42,9 +42,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=_positive, default=None, help="shrink images to this longer side (re-encodes)")
     p.add_argument("--reencode", choices=("jpg", "png", "webp"), default=None, help="re-encode images")
     p.add_argument(
+        "--validate",
+        choices=("structure", "full"),
+        default="structure",
+        help="image validation: 'structure' (default: header + file complete, e.g. JPEG EOI, PNG IEND, TIFF strips "
+        "inside the file; no pixel decoding) or 'full' (decode every image; about 10x slower)",
+    )
+    p.add_argument(
         "--max-bad-fraction", type=_fraction, default=0.01, help="fail above this fraction of bad samples (0.01)"
     )
-    p.add_argument("--workers", type=_positive, default=None, help="writer processes (default: min(4, CPUs))")
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="writers: this process plus up to W-1 worker processes, started only when the remaining work "
+        "outlasts their start-up (default: min(4, CPUs))",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace shards of another dataset/options at DEST")
     p.add_argument(
         "--storage-option",
@@ -82,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             shuffle_seed=args.shuffle_seed,
             resize=args.resize,
             reencode=args.reencode,
+            validate=args.validate,
             max_bad_fraction=args.max_bad_fraction,
             workers=args.workers or min(4, os.cpu_count() or 1),
             overwrite=args.overwrite,

@@ -9,6 +9,8 @@ Rules (also in docs/data-formats.md):
 - size: images over `MAX_IMAGE_PIXELS` (env `SSJDN_MAX_IMAGE_PIXELS`, default Pillow's 89,478,485) are refused
   before their pixels are decoded (decompression-bomb guard); Pillow's own hard limit is twice its default.
 Every failure raises `ImageDecodeError` naming the file and the reason.
+Validation (`check_image`) has two levels: "full" decodes every pixel; "structure" reads the header and checks
+that the file is complete without decoding pixels (`structure.py`; formats it has no check for are decoded).
 """
 
 from __future__ import annotations
@@ -18,23 +20,27 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ssjdn.data.errors import ImageDecodeError
-from ssjdn.data.images import tiff_bands
+from ssjdn.data.images import structure, tiff_bands
+
+if TYPE_CHECKING:  # numpy is imported where it is used: most callers (e.g. shard writers) never need it
+    import numpy as np
 
 MAX_IMAGE_PIXELS = int(os.environ.get("SSJDN_MAX_IMAGE_PIXELS", 89_478_485))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 _PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
+VALIDATION_LEVELS = ("structure", "full")
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
     "ImageDecodeError",
     "ImageInfo",
+    "VALIDATION_LEVELS",
     "bands_to_rgb",
     "check_image",
     "decode_image",
@@ -63,7 +69,8 @@ def read_image_bytes(source: str | os.PathLike) -> bytes:
 
         with fsspec.open(source, "rb") as f:
             return f.read()
-    return Path(source).read_bytes()
+    with open(source, "rb") as f:  # not Path.read_bytes(): its path parsing doubles the cost of a small read
+        return f.read()
 
 
 def probe_image(data: bytes, name: str, *, max_pixels: int | None = None) -> ImageInfo:
@@ -84,24 +91,62 @@ def decode_image(data: bytes, name: str, *, max_pixels: int | None = None) -> Im
     return _decode(data, name, max_pixels=max_pixels, draft=False)
 
 
-def check_image(data: bytes, name: str, *, max_pixels: int | None = None) -> ImageInfo:
-    """Decode the whole file to prove it is readable (truncation included) and return its header info.
+def check_image(data: bytes, name: str, *, max_pixels: int | None = None, level: str = "full") -> ImageInfo:
+    """Prove the file is a readable image and return its header info; the file is opened once.
 
-    JPEGs are decoded in Pillow's draft mode (DCT scaled by 1/8): the whole entropy-coded stream is still read,
-    so truncation and corruption are still caught, at a fraction of the cost.
+    `level="full"`: decode every pixel (truncation and corrupt pixel data are caught). JPEGs are decoded in
+    Pillow's draft mode (DCT scaled by 1/8): the whole entropy-coded stream is still read, at a fraction of the
+    cost. `level="structure"`: the header plus `structure`'s completeness checks (JPEG SOS + EOI, PNG chunks up
+    to IEND, TIFF strips/tiles inside the file), no pixel decoding; other formats are decoded as in "full".
+    Corrupt entropy-coded data inside a complete file passes "structure" (readers skip such samples).
     """
-    info = probe_image(data, name, max_pixels=max_pixels)
-    _decode(data, name, max_pixels=max_pixels, draft=True)
+    if level not in VALIDATION_LEVELS:
+        raise ValueError(f"validation level {level!r}: expected one of {', '.join(VALIDATION_LEVELS)}")
+    _check_not_empty(data, name)
+    if tiff_bands.is_tiff(data):
+        tags = _band_tiff_tags(data, name)
+        if tags is not None:  # a layout Pillow cannot open: the band reader's own header
+            info = _band_tiff_info(tags, name)
+            _check_size(info.width, info.height, name, max_pixels)
+            if level == "full" or not structure.check_tiff(data, name, tags):
+                _decode_tiff_bands(data, name, max_pixels, tags)
+            return info
+    im = _open(data, name)
+    _check_size(im.width, im.height, name, max_pixels)
+    info = ImageInfo(im.format or "unknown", im.width, im.height, im.mode)
+    if level == "structure" and _check_structure(im, data, name):
+        return info
+    _load(im, name, draft=True)
     return info
+
+
+def _check_structure(im: Image.Image, data: bytes, name: str) -> bool:
+    """True when the format has a structural check and it passed (raises when it failed); False: decode it."""
+    if im.format in ("JPEG", "MPO"):  # MPO: a JPEG with more pictures appended (checked up to the first EOI)
+        structure.check_jpeg(data, name)
+        return True
+    if im.format == "PNG":
+        structure.check_png(data, name)
+        return True
+    if im.format == "TIFF":
+        return structure.check_tiff(data, name, im.tag_v2)
+    return False
 
 
 def _decode(data: bytes, name: str, *, max_pixels: int | None, draft: bool) -> Image.Image:
     _check_not_empty(data, name)
-    if tiff_bands.is_tiff(data) and _probe_tiff_bands(data, name) is not None:
-        return _decode_tiff_bands(data, name, max_pixels)
+    if tiff_bands.is_tiff(data):
+        tags = _band_tiff_tags(data, name)
+        if tags is not None:
+            return _decode_tiff_bands(data, name, max_pixels, tags)
     # No `with`: the source is an in-memory buffer, and the decoded image must outlive this call.
     im = _open(data, name)
     _check_size(im.width, im.height, name, max_pixels)
+    return _load(im, name, draft=draft)
+
+
+def _load(im: Image.Image, name: str, *, draft: bool) -> Image.Image:
+    """Decode an opened image's pixels and convert them to RGB."""
     fmt = im.format or "image"
     try:
         if draft and im.format == "JPEG":
@@ -120,6 +165,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
         return im.convert("RGB")
     # Wide single-band modes (I;16*, I, F): apply the depth rule on the raw values.
+    import numpy as np
+
     arr = np.asarray(im)
     if im.mode.startswith("I;16") or (im.mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 0xFFFF):
         arr = arr.astype(np.uint16)
@@ -128,6 +175,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def bands_to_rgb(arr: np.ndarray) -> Image.Image:
     """(H, W, B) samples of any numeric type -> 8-bit RGB by the band and depth rules above."""
+    import numpy as np
+
     if arr.ndim != 3 or arr.shape[2] < 1:
         raise ValueError(f"expected (height, width, bands), got shape {arr.shape}")
     kept = arr[:, :, :3] if arr.shape[2] >= 3 else np.repeat(arr[:, :, :1], 3, axis=2)
@@ -190,10 +239,21 @@ def _pillow_can_decode_tiff(tags: dict) -> bool:
 
 def _probe_tiff_bands(data: bytes, name: str) -> ImageInfo | None:
     """Header info for a TIFF that needs the band reader; None when Pillow can decode it itself."""
+    tags = _band_tiff_tags(data, name)
+    return None if tags is None else _band_tiff_info(tags, name)
+
+
+def _band_tiff_tags(data: bytes, name: str) -> dict | None:
+    """The first directory of a TIFF that needs the band reader; None when Pillow can decode it itself."""
     try:
         tags = tiff_bands.read_ifd(data)
-        if _pillow_can_decode_tiff(tags):
-            return None
+    except tiff_bands.TiffBandError as exc:
+        raise ImageDecodeError(f"{name}: TIFF {exc}") from None
+    return None if _pillow_can_decode_tiff(tags) else tags
+
+
+def _band_tiff_info(tags: dict, name: str) -> ImageInfo:
+    try:
         width, height, bands = tiff_bands.image_size(tags)
     except tiff_bands.TiffBandError as exc:
         raise ImageDecodeError(f"{name}: TIFF {exc}") from None
@@ -202,9 +262,9 @@ def _probe_tiff_bands(data: bytes, name: str) -> ImageInfo | None:
     return ImageInfo("TIFF", width, height, f"{bands}x{kind}{bits}")
 
 
-def _decode_tiff_bands(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
+def _decode_tiff_bands(data: bytes, name: str, max_pixels: int | None, tags: dict | None = None) -> Image.Image:
     try:
-        tags = tiff_bands.read_ifd(data)
+        tags = tiff_bands.read_ifd(data) if tags is None else tags
         width, height, _ = tiff_bands.image_size(tags)
         _check_size(width, height, name, max_pixels)
         return bands_to_rgb(tiff_bands.decode_bands(data, tags))

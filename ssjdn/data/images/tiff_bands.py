@@ -11,9 +11,12 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL.TiffImagePlugin import ImageFileDirectory_v2
+
+if TYPE_CHECKING:  # imported where used: reading a directory (probing, validation) needs no numpy
+    import numpy as np
 
 WIDTH, LENGTH, BITS, COMPRESSION = 256, 257, 258, 259
 STRIP_OFFSETS, SAMPLES, ROWS_PER_STRIP, STRIP_BYTES = 273, 277, 278, 279
@@ -69,6 +72,8 @@ def image_size(tags: dict[int, object]) -> tuple[int, int, int]:
 
 
 def decode_bands(data: bytes, tags: dict[int, object] | None = None) -> np.ndarray:
+    import numpy as np
+
     tags = read_ifd(data) if tags is None else tags
     width, height, bands = image_size(tags)
     bits = set(_tuple(tags.get(BITS, 1)))
