@@ -13,6 +13,9 @@ STORE ?= ./store
 OUT ?= ./demo-out
 EPOCHS ?= 3
 PYTEST_ARGS ?=
+# torch's OpenMP threads spin at barriers by default; on a shared or oversubscribed CPU (Ray workers, loaders,
+# CI) that costs ~10x per training step. Passive waiting is the right default everywhere we run.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test lint demo bench describe clean
 
