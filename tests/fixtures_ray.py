@@ -1,19 +1,35 @@
-"""Ray fixtures: one local Ray instance shared by the tests that need it (real raylet, real object store)."""
+"""Ray fixtures: one local Ray instance shared by the tests that need it (real raylet, real object store),
+and one real two-node cluster started with the `ray` CLI (for `ray job submit`, multi-node and Prefect tests)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
 
 import pytest
 
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
+HEAD_STARTUP_TIMEOUT_S = float(os.environ.get("SSJDN_TEST_RAY_STARTUP_S", "120"))
+
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
     """A local Ray instance for the whole session.
 
     4 logical CPUs on a 2-core machine: Train workers and Ray Data tasks otherwise starve each other
     (see ../shared/PITFALLS.md). Tests that need a different cluster shut this one down first and call
-    `ray_local_restart` afterwards.
+    `ray_local_restart` afterwards. Started after `s3_server`, so every Ray worker reaches the test S3
+    endpoint with the test credentials whichever test asks for Ray first.
     """
     import ray
 
@@ -25,3 +41,116 @@ def ray_local():
             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}},
         )
     yield ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str, token: str):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=3) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive_nodes(dashboard: str, token: str) -> int:
+    doc = _get_json(f"{dashboard}/api/v0/nodes", token)
+    try:
+        return sum(n["state"] == "ALIVE" for n in doc["data"]["result"]["result"])
+    except (TypeError, KeyError):
+        return 0
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """Stop the Ray processes of these `ray start --block` sessions, and nothing else (never `ray stop`: that
+    would also stop other people's Ray instances on this machine). `ray start` gets SIGTERM and a short grace
+    period; then its whole process group (raylet, GCS, workers: a throwaway test cluster) gets SIGKILL."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in procs:
+        _signal_group(p, signal.SIGKILL)
+        p.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server):
+    """A two-node Ray cluster on this machine: `ray start --head --block` plus one `ray start --address --block`.
+
+    Token authentication is on (a token file of its own, never ~/.ray), the dashboard (job API) listens on
+    127.0.0.1, every port is chosen free. Both nodes get 2 logical CPUs and the S3 test endpoint's variables
+    (started after `s3_server`), like a real cluster whose nodes carry their own storage configuration.
+    Yields a dict: `address` (GCS), `dashboard` (http URL for `ray job submit` / JobSubmissionClient),
+    `env` (the variables a client subprocess needs: RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH) and `token`.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's unix socket paths are length-limited
+    token = uuid.uuid4().hex
+    token_path = tmp / "auth_token"
+    token_path.write_text(token)
+    token_path.chmod(0o600)
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    # No preemption on a test machine: skip Ray Train's per-run preemption-watcher actor (one process less per
+    # worker-group start on 2 cores).
+    env = {**os.environ, **client_env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    dashboard = f"http://127.0.0.1:{dash}"
+
+    def node_ports() -> list[str]:
+        return [
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--node-manager-port={_free_port()}",
+            f"--object-manager-port={_free_port()}",
+        ]
+
+    common = ["--block", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    head_cmd = [RAY_CLI, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                f"--ray-client-server-port={_free_port()}", f"--temp-dir={tmp / 'ray'}", *common, *node_ports()]  # fmt: skip
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        log = open(tmp / "head.log", "wb")  # noqa: SIM115 - closed in teardown
+        logs.append(log)
+        procs.append(subprocess.Popen(head_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + HEAD_STARTUP_TIMEOUT_S
+        while _get_json(f"{dashboard}/api/version", token) is None:
+            if procs[0].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray head did not start:\n{(tmp / 'head.log').read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        address = f"127.0.0.1:{gcs}"
+        log2 = open(tmp / "worker.log", "wb")  # noqa: SIM115
+        logs.append(log2)
+        worker_cmd = [RAY_CLI, "start", f"--address={address}", *common, *node_ports()]
+        procs.append(subprocess.Popen(worker_cmd, env=env, stdout=log2, stderr=subprocess.STDOUT, start_new_session=True))
+        while _alive_nodes(dashboard, token) < 2:
+            if procs[1].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"second ray node did not join:\n{(tmp / 'worker.log').read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield {"address": address, "dashboard": dashboard, "env": client_env, "token": token, "tmp": tmp}
+    finally:
+        _stop(list(reversed(procs)))
+        for f in logs:
+            f.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
