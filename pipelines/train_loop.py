@@ -308,6 +308,8 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
     progress = _Progress(run, {"attempt": attempt, "epochs": spec.epochs, "world_size": world, "workers": workers},
                          spec.progress_every)  # fmt: skip
     if rank == 0:
+        if payload is not None:  # the file follows the checkpoint we resume from (a later epoch may be lost)
+            run.write_jsonl("metrics.jsonl", history)
         run.append_jsonl("attempts.jsonl", {
             "attempt": attempt, "time": time.time(), "world_size": world, "workers": workers,
             "resumed_from": resumed_from, "epochs_done": epochs_done, "step": step,
@@ -488,7 +490,6 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
                 run.write_bytes("best/checkpoint.pt", checkpoint_bytes(model=model, cfg=cfg, step=step, epoch=epoch,
                                 tokenizer=tokenizer, extra={"val_mr": best_mr, "metrics": metrics}))  # fmt: skip
                 run.write_json("best/metrics.json", {"epoch": epoch, "step": step, spec.eval_split: metrics})
-            run.write_jsonl("metrics.jsonl", history)
             run.write_json(f"plan/epoch-{epoch:04d}.json", {"epoch": epoch, "world_size": world, "ranks": [
                 {k: v for k, v in r.items() if k != "sums"} for r in ranks]})  # fmt: skip
             if bad_rows:
@@ -503,7 +504,8 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
             flat.update(_flat_metrics(spec.eval_split, metrics))
             flat["best_mr"] = best_mr
         report(flat, epoch_done=epoch, mid_epoch=False, pos=None)
-        if rank == 0:
+        if rank == 0:  # after the checkpoint: a metrics line never describes an epoch that has none
+            run.write_jsonl("metrics.jsonl", history)
             progress.write(phase="epoch-done", epoch=epoch, step=step, checkpoint=last_ckpt[0])
 
     if rank == 0:

@@ -107,9 +107,11 @@ def ray_head(s3_server):
     token_path.write_text(token)
     token_path.chmod(0o600)
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
-    # No preemption on a test machine: skip Ray Train's per-run preemption-watcher actor (one process less per
-    # worker-group start on 2 cores).
-    env = {**os.environ, **client_env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    # Test-cluster settings: no preemption on a test machine (one actor process less per worker-group start),
+    # and Ray Train's controller polls its workers every 0.5 s instead of 2 s (failures and checkpoints are
+    # noticed sooner; the behaviour is the same).
+    env = {**os.environ, **client_env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     dashboard = f"http://127.0.0.1:{dash}"
