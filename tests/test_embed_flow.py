@@ -44,7 +44,7 @@ def test_reindex_flow_embeds_new_units_and_reports_counts(prefect_server, ray_lo
     assert first.is_completed(), first
     s1 = first.result()
     assert (s1["new_units"], s1["new_images"], s1["new_captions"]) == (n_shards, n_images, 5 * n_images)
-    assert s1["failed_units"] == 0 and 0 <= s1["ann_recall_at_10"] <= 1
+    assert s1["failed_units"] == 0 and s1["ann_recall_at_10"] == 1.0  # a tiny index finds every image
     # the nightly run after nothing landed: nothing embedded, and the report says so
     second = reindex_archive(archive, store, str(ckpt), return_state=True)
     s2 = second.result()
