@@ -13,19 +13,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.storage import StorageError, is_storage_error
-
-
-def _retry_on_storage_error(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except Exception as exc:
-        return isinstance(exc, StorageError) or is_storage_error(exc)
-    return False
+from flows.retries import retry_on_storage_error
 
 
 @task(name="embed-new-units", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[30, 120],
-      retry_condition_fn=_retry_on_storage_error)  # fmt: skip
+      retry_condition_fn=retry_on_storage_error)  # fmt: skip
 def embed_task(archive_url: str, store_url: str, checkpoint_url: str, **options: Any) -> dict[str, Any]:
     from pipelines.embed import embed_archive
 

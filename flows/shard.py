@@ -14,24 +14,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from flows.retries import retry_on_storage_error
 from pipelines import shard as sharding
-from pipelines.storage import StorageError, describe_endpoint, is_storage_error
+from pipelines.storage import describe_endpoint
 
 GROUP_RETRIES = 3
 GROUP_RETRY_BACKOFF_S = 2.0
 
 
-def _retry_on_storage_error(task, task_run, state) -> bool:
-    """Retry a group only when storage failed (bad data or a conflicting destination will not heal)."""
-    try:
-        state.result()
-    except Exception as exc:
-        return isinstance(exc, StorageError) or is_storage_error(exc)
-    return False
-
 
 @task(name="plan-shards", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(2.0),
-      retry_condition_fn=_retry_on_storage_error)  # fmt: skip
+      retry_condition_fn=retry_on_storage_error)  # fmt: skip
 def plan_task(dataset: str, dest: str, overwrite: bool, **kwargs: Any) -> sharding.ShardPlan:
     logger = get_run_logger()
     plan = sharding.plan_shards(dataset, dest, **kwargs)
@@ -45,7 +38,7 @@ def plan_task(dataset: str, dest: str, overwrite: bool, **kwargs: Any) -> shardi
 
 
 @task(name="write-shard-group", cache_policy=NO_CACHE, retries=GROUP_RETRIES,
-      retry_delay_seconds=exponential_backoff(GROUP_RETRY_BACKOFF_S), retry_condition_fn=_retry_on_storage_error)  # fmt: skip
+      retry_delay_seconds=exponential_backoff(GROUP_RETRY_BACKOFF_S), retry_condition_fn=retry_on_storage_error)  # fmt: skip
 def write_group_task(plan: sharding.ShardPlan, jobs: list[sharding.ShardJob], label: str) -> list[sharding.ShardResult]:
     logger = get_run_logger()
     logger.info("%s: writing %d shard(s), %d samples", label, len(jobs), sum(len(j.samples) for j in jobs))
@@ -60,7 +53,7 @@ def write_group_task(plan: sharding.ShardPlan, jobs: list[sharding.ShardJob], la
 
 
 @task(name="commit-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(2.0),
-      retry_condition_fn=_retry_on_storage_error)  # fmt: skip
+      retry_condition_fn=retry_on_storage_error)  # fmt: skip
 def commit_task(plan: sharding.ShardPlan, groups: list[list[sharding.ShardResult]]) -> dict[str, Any]:
     logger = get_run_logger()
     manifest = sharding.finalize(plan, [r for g in groups for r in g])

@@ -59,11 +59,11 @@ def test_shard_dataset_flow_writes_shards_and_records_the_run(prefect_server, s3
 def test_group_tasks_retry_storage_errors_only(prefect_server):
     from prefect import flow, task
 
-    from flows.shard import _retry_on_storage_error
+    from flows.retries import retry_on_storage_error
 
     calls: list[str] = []
 
-    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=_retry_on_storage_error)
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_on_storage_error)
     def flaky(kind: str) -> int:
         calls.append(kind)
         if kind == "storage" and calls.count(kind) < 3:

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from pipelines.commands.argtypes import positive_int
+
 NAME = "embed"
 HELP = "embed an archive (shards, image files, dataset) with a trained checkpoint into a Parquet embedding store"
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return value
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -21,13 +17,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE_URL", help="embedding store root (local path, s3://bucket/prefix, ...)")
     p.add_argument("--checkpoint", required=True, metavar="URL", help="trained SSJDN checkpoint (path or URL)")
     p.add_argument("--captions", action="store_true", help="also embed the captions (second table)")
-    p.add_argument("--batch-size", type=_positive, default=64, help="images per encoder batch (default 64)")
-    p.add_argument("--concurrency", type=_positive, default=1, help="encoder actors (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch (default 64)")
+    p.add_argument("--concurrency", type=positive_int, default=1, help="encoder actors (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per encoder actor")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored embedding type")
     p.add_argument("--splits", default=None, help="comma-separated splits to embed (default: all)")
-    p.add_argument("--threads", type=_positive, default=None, help="torch threads per CPU actor (default: cores/C)")
-    p.add_argument("--max-rows-per-file", type=_positive, default=None, help="rows per Parquet file (default 50000)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads per CPU actor (default: cores/C)")
+    p.add_argument("--max-rows-per-file", type=positive_int, default=None, help="rows per Parquet file (default 50000)")
     p.add_argument("--commit-every", type=float, default=30.0, metavar="S", help="commit finished units every S s")
     p.add_argument("--ann", action="store_true", help="(re)build the ANN index of the version afterwards")
     p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS or a local Ray)")

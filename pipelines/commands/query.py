@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from pipelines.commands.argtypes import positive_int
+
 NAME = "query"
 HELP = "retrieve the images (or captions) nearest to a caption or an image from an embedding store"
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return value
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", nargs="?", default=None, metavar="TEXT", help="the query caption")
     p.add_argument("--image", default=None, metavar="PATH", help="query by an image (path or URL) instead")
     p.add_argument("--store", required=True, metavar="URL", help="embedding store root")
-    p.add_argument("-k", type=_positive, default=10, help="number of results (default 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="number of results (default 10)")
     p.add_argument("--model-id", default=None, help="store version (model_id or a unique prefix; default: newest)")
     p.add_argument("--where", default=None, help="filter, e.g. \"class = 'airport' AND split = 'test'\"")
     p.add_argument("--table", choices=("images", "captions"), default="images", help="what to search")
