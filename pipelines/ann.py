@@ -35,11 +35,6 @@ def ann_dir(store: EmbeddingStore, manifest: Manifest, table: str = "images") ->
     return safe_join(store.version_path(manifest.model_id), "_ann", table, f"g{manifest.generation:06d}")
 
 
-def _offsets(manifest: Manifest, table: str) -> np.ndarray:
-    rows = [int(f["rows"]) for f in manifest.files if f["table"] == table]
-    return np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-
-
 @dataclass
 class AnnIndex:
     index: Any  # usearch.index.Index
@@ -128,7 +123,7 @@ def build_ann(
             at += len(m)
     build_s = time.perf_counter() - t0
     queries, query_kind = _recall_queries(store, manifest, table, sample, recall_queries, rng)
-    ann = AnnIndex(index=index, meta={}, files=files, offsets=_offsets(manifest, table))
+    ann = AnnIndex(index=index, meta={}, files=files, offsets=manifest.row_offsets(table))
     recall = measure_recall(ann, store, manifest, queries, k=k, table=table)
     meta = {
         "model_id": manifest.model_id,
@@ -206,5 +201,5 @@ def load_ann(store: EmbeddingStore, manifest: Manifest, table: str = "images") -
         index=index,
         meta=meta,
         files=store.committed_files(manifest, table),
-        offsets=_offsets(manifest, table),
+        offsets=manifest.row_offsets(table),
     )

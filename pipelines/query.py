@@ -1,8 +1,10 @@
-"""Exact cosine top-k over the committed Parquet files of an embedding store, streamed in bounded batches.
+"""Exact cosine top-k over the committed embeddings of a store version, and the query entry point.
 
-Embeddings are L2-normalised when written, so cosine similarity is a dot product. Only the `embedding`
-column (and the columns a filter needs) is scanned; metadata is fetched afterwards for the k winners.
-Memory stays at about `batch_rows * D * 4` bytes plus the running top-k, whatever the store size.
+Embeddings are L2-normalised when written, so cosine similarity is a dot product. Two ways to the same
+result: the version's memory-mapped matrix (`pipelines.flat`, the default on large tables) or a scan of
+the committed Parquet files in bounded batches (only the `embedding` column and the columns a filter needs;
+memory about `batch_rows * D * 4` bytes plus the running top-k). Metadata is fetched afterwards for the k
+winners only.
 """
 
 from __future__ import annotations
@@ -114,9 +116,12 @@ def exact_search(
     where: str | None = None,
     table: str = "images",
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    cache: bool | None = None,
 ) -> list[list[Hit]]:
     """Top-k hits per query vector (rows of `queries`, [Q, D] or [D]), best first."""
-    files, ranked = exact_topk(store, manifest, queries, k=k, where=where, table=table, batch_rows=batch_rows)
+    files, ranked = exact_topk(
+        store, manifest, queries, k=k, where=where, table=table, batch_rows=batch_rows, cache=cache
+    )
     return [_hits(store, files, r, table) for r in ranked]
 
 
@@ -129,8 +134,14 @@ def exact_topk(
     where: str | None = None,
     table: str = "images",
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    cache: bool | None = None,
 ) -> tuple[list[str], list[list[tuple[float, int, int]]]]:
-    """(committed files, per query the top-k as (score, file index, row)), best first."""
+    """(committed files, per query the top-k as (score, file index, row)), best first.
+
+    `cache`: search the version's memory-mapped matrix (`pipelines.flat`) - True builds it when missing,
+    None (default) uses it when present and builds it for tables of at least `flat.MIN_ROWS` rows, False
+    always scans the Parquet files.
+    """
     if k < 1:
         raise ValueError("k must be at least 1")
     q = normalize(queries)
@@ -146,6 +157,13 @@ def exact_topk(
     tree = parse_where(where, table) if where else None
     expr = to_arrow(tree) if tree is not None else None
     columns = ["embedding", *sorted(columns_of(tree))] if tree is not None else ["embedding"]
+    if cache is not False:
+        from pipelines.flat import get_cache
+
+        flat = get_cache(store, manifest, table, build=cache)
+        if flat is not None:
+            rows = _matching_rows(store, files, tree, batch_rows) if tree is not None else None
+            return files, _ranked_from_global(manifest, table, *flat.topk(q, k, rows))
     qt = np.ascontiguousarray(q.T)
 
     def scan(file_idx: int) -> _TopK:
@@ -172,6 +190,40 @@ def exact_topk(
         for part in pool.map(scan, range(len(files))):
             top.merge(part)
     return files, [top.result(i) for i in range(len(q))]
+
+
+def _matching_rows(store: EmbeddingStore, files: list[str], tree, batch_rows: int) -> np.ndarray:
+    """Global row numbers (manifest file order) that pass the filter: only the filter's columns are read."""
+    expr, columns = to_arrow(tree), sorted(columns_of(tree))
+
+    def scan(path: str) -> tuple[np.ndarray, int]:
+        found, offset = [], 0
+        for batch in _iter_file_batches(store, path, columns, batch_rows):
+            rows = np.arange(offset, offset + batch.num_rows)
+            offset += batch.num_rows
+            tbl = pa.Table.from_batches([batch]).append_column("_row", pa.array(rows)).filter(expr)
+            found.append(tbl.column("_row").to_numpy())
+        return (np.concatenate(found) if found else np.empty(0, np.int64)), offset
+
+    with ThreadPoolExecutor(max_workers=max(1, min(SCAN_THREADS, len(files)))) as pool:
+        parts = list(pool.map(scan, files))
+    out, base = [], 0
+    for rows, n in parts:
+        out.append(rows + base)
+        base += n
+    return np.concatenate(out).astype(np.int64) if out else np.empty(0, np.int64)
+
+
+def _ranked_from_global(
+    manifest: Manifest, table: str, rows: np.ndarray, scores: np.ndarray
+) -> list[list[tuple[float, int, int]]]:
+    """[Q, k] global rows and scores -> per query [(score, file index, row in file)]."""
+    offsets = manifest.row_offsets(table)
+    out = []
+    for qr, qs in zip(rows, scores):
+        files = np.searchsorted(offsets, qr, side="right") - 1
+        out.append([(float(s), int(f), int(r - offsets[f])) for s, f, r in zip(qs, files, qr)])
+    return out
 
 
 def _hits(
@@ -206,57 +258,6 @@ def _hits(
             )
         )
     return hits
-
-
-class FlatIndex:
-    """All embeddings of a version in memory ([N, D] float32) for repeated exact queries (benchmarks, services)."""
-
-    def __init__(self, matrix: np.ndarray, positions: np.ndarray, files: list[str]) -> None:
-        self.matrix = matrix
-        self.positions = positions  # [N, 2] (file index, row)
-        self.files = files
-
-    @classmethod
-    def load(cls, store: EmbeddingStore, manifest: Manifest, table: str = "images") -> FlatIndex:
-        files = store.committed_files(manifest, table)
-        n = manifest.rows(table)
-        matrix = np.empty((n, manifest.dim), np.float32)
-        positions = np.empty((n, 2), np.int64)
-        at = 0
-        for fi, path in enumerate(files):
-            row = 0
-            for batch in _iter_file_batches(store, path, ["embedding"], DEFAULT_BATCH_ROWS):
-                m = embeddings_to_numpy(batch.column("embedding"))
-                if at + len(m) > n:
-                    raise StoreError(
-                        f"{path} holds more rows than the manifest of {manifest.model_id[:12]} lists"
-                    )
-                matrix[at : at + len(m)] = m
-                positions[at : at + len(m), 0] = fi
-                positions[at : at + len(m), 1] = np.arange(row, row + len(m))
-                row += len(m)
-                at += len(m)
-        if at != n:
-            raise StoreError(f"manifest of {manifest.model_id[:12]} lists {n} {table} rows, files hold {at}")
-        return cls(matrix, positions, files)
-
-    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """(row indices [Q, k], scores [Q, k]) best first."""
-        q = normalize(queries)
-        scores = q @ self.matrix.T if len(q) > 1 else (self.matrix @ q[0])[None, :]
-        k = min(k, scores.shape[1])
-        idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        part = np.take_along_axis(scores, idx, axis=1)
-        order = np.argsort(-part, axis=1, kind="stable")
-        return np.take_along_axis(idx, order, axis=1), np.take_along_axis(part, order, axis=1)
-
-    def hits(
-        self, store: EmbeddingStore, rows: np.ndarray, scores: np.ndarray, table: str = "images"
-    ) -> list[Hit]:
-        ranked = [
-            (float(s), int(self.positions[r, 0]), int(self.positions[r, 1])) for r, s in zip(rows, scores)
-        ]
-        return _hits(store, self.files, ranked, table)
 
 
 @dataclass
@@ -312,6 +313,7 @@ def query_store(
     where: str | None = None,
     table: str = "images",
     ann: bool = False,
+    cache: bool | None = None,
     checkpoint: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> QueryResult:
@@ -342,5 +344,5 @@ def query_store(
         rows, scores = index.search(vector, k)
         hits = index.hits(store, rows[0], scores[0], table)
         return QueryResult(label, manifest.model_id, "ann", hits, time.perf_counter() - t0, index.meta)
-    hits = exact_search(store, manifest, vector, k=k, where=where, table=table)[0]
+    hits = exact_search(store, manifest, vector, k=k, where=where, table=table, cache=cache)[0]
     return QueryResult(label, manifest.model_id, "exact", hits, time.perf_counter() - t0)

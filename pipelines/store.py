@@ -207,6 +207,12 @@ class Manifest:
     def rows(self, table: str) -> int:
         return sum(int(f["rows"]) for f in self.files if f["table"] == table)
 
+    def row_offsets(self, table: str) -> np.ndarray:
+        """[files + 1] first global row of each committed file of `table` (manifest order), then the total:
+        global row g is row g - offsets[f] of file f = searchsorted(offsets, g, "right") - 1."""
+        rows = [int(f["rows"]) for f in self.files if f["table"] == table]
+        return np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+
 
 def unit_slug(unit_id: str) -> str:
     """File-name-safe, collision-free token for a unit id (`test/shard-000003.tar` -> `test_shard-000003_tar-1a2b3c4d`)."""

@@ -1,4 +1,5 @@
-"""Exact streaming top-k against brute force, structured filters (arrow and parametrized DuckDB), ANN recall."""
+"""Exact top-k (Parquet scan and memory-mapped cache) against brute force, structured filters (arrow and
+parametrized DuckDB), the cache's life cycle, ANN recall."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from pipelines.ann import build_ann, load_ann
-from pipelines.query import FlatIndex, exact_search
+from pipelines.flat import cache_root, load_cache
+from pipelines.query import exact_search
 from pipelines.store import StoreError, VersionWriter, build_table
 from pipelines.where import FilterError, parse_where, to_arrow, to_sql
 from tests.store_data import image_columns, unit_vectors, write_synthetic_version
@@ -29,11 +31,13 @@ def synthetic(tmp_path_factory):
     return store, store.manifest(mid), vecs, cols
 
 
-def test_exact_matches_brute_force_across_files_and_batches(synthetic):
+@pytest.mark.parametrize("cache", [False, True], ids=["parquet-scan", "flat-cache"])
+def test_exact_matches_brute_force_across_files_and_batches(synthetic, cache, monkeypatch):
+    monkeypatch.setattr("pipelines.flat.BLOCK_ROWS", 64)  # several blocks over the 480 rows
     store, manifest, vecs, cols = synthetic
     rng = np.random.default_rng(3)
     queries = rng.standard_normal((5, 24)).astype(np.float32)
-    results = exact_search(store, manifest, queries, k=7, batch_rows=16)  # forces many small batches
+    results = exact_search(store, manifest, queries, k=7, batch_rows=16, cache=cache)  # many small batches
     for q, hits in zip(queries, results):
         keys, scores = brute_force(vecs, cols, q, 7)
         assert [h.key for h in hits] == keys
@@ -46,7 +50,7 @@ def test_exact_matches_brute_force_across_files_and_batches(synthetic):
         cols["source"][i], cols["split"][i], cols["class"][i], cols["lat"][i],
     )  # fmt: skip
     # k larger than the store returns everything once
-    everything = exact_search(store, manifest, queries[0], k=10_000)[0]
+    everything = exact_search(store, manifest, queries[0], k=10_000, cache=cache)[0]
     assert len(everything) == len(vecs) and len({h.key for h in everything}) == len(vecs)
 
 
@@ -60,12 +64,14 @@ def test_exact_matches_brute_force_across_files_and_batches(synthetic):
         ("key != 'syn__u0_0001' AND lon <= -3.2", lambda c, i: c["key"][i] != "syn__u0_0001" and c["lon"][i] is not None and c["lon"][i] <= -3.2),
     ],
 )  # fmt: skip
-def test_filters_match_brute_force(synthetic, where, predicate):
+@pytest.mark.parametrize("cache", [False, True], ids=["parquet-scan", "flat-cache"])
+def test_filters_match_brute_force(synthetic, where, predicate, cache, monkeypatch):
+    monkeypatch.setattr("pipelines.flat.BLOCK_ROWS", 64)
     store, manifest, vecs, cols = synthetic
     q = np.random.default_rng(5).standard_normal(24).astype(np.float32)
     mask = np.array([predicate(cols, i) for i in range(len(vecs))])
     assert 0 < mask.sum() < len(vecs)
-    hits = exact_search(store, manifest, q, k=9, where=where, batch_rows=32)[0]
+    hits = exact_search(store, manifest, q, k=9, where=where, batch_rows=32, cache=cache)[0]
     keys, _ = brute_force(vecs, cols, q, 9, mask)
     assert [h.key for h in hits] == keys
 
@@ -103,14 +109,44 @@ def test_bad_filters_are_rejected_clearly(bad, message):
         parse_where(bad)
 
 
-def test_flat_index_equals_streaming_exact(synthetic):
-    store, manifest, vecs, cols = synthetic
-    flat = FlatIndex.load(store, manifest)
-    q = np.random.default_rng(9).standard_normal((3, 24)).astype(np.float32)
-    rows, scores = flat.search(q, 5)
-    streamed = exact_search(store, manifest, q, k=5)
-    for i in range(3):
-        assert [h.key for h in flat.hits(store, rows[i], scores[i])] == [h.key for h in streamed[i]]
+def test_flat_cache_is_built_once_used_by_default_and_replaced_on_commit(tmp_path, monkeypatch):
+    store, mid, vecs, cols = write_synthetic_version(str(tmp_path / "s"), units=2, rows=300, dim=16)
+    manifest = store.manifest(mid)
+    q = np.random.default_rng(1).standard_normal(16).astype(np.float32)
+    monkeypatch.setattr("pipelines.flat.MIN_ROWS", 1000)
+    exact_search(store, manifest, q)  # 600 rows: below MIN_ROWS, the scan needs no cache
+    assert load_cache(store, manifest, "images") is None
+    monkeypatch.setattr("pipelines.flat.MIN_ROWS", 500)
+    first = exact_search(store, manifest, q)[0]  # now at least MIN_ROWS: built on the first query
+    cache = load_cache(store, manifest, "images")
+    assert cache is not None and cache.folder == cache_root(store, manifest, "images") / f"g{manifest.generation:06d}"
+    np.testing.assert_array_equal(np.asarray(cache.matrix), vecs)  # rows in manifest order == write order
+    mtime = (cache.folder / "embeddings.npy").stat().st_mtime_ns
+    assert [h.key for h in exact_search(store, manifest, q)[0]] == [h.key for h in first]
+    assert (cache.folder / "embeddings.npy").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    # a commit makes a new generation: the old cache is not used, the next query builds the new one
+    writer = VersionWriter(store, mid, manifest.model)
+    extra = unit_vectors(5, 16, 77)
+    writer.stage({"id": "new/shard.tar"}, {"images": build_table("images", image_columns(9, 5), extra, dim=16, model_id=mid)})
+    writer.commit()
+    newer = store.manifest(mid)
+    assert load_cache(store, newer, "images") is None
+    top = exact_search(store, newer, extra[3])[0][0]
+    assert top.key == image_columns(9, 5)["key"][3] and top.score == pytest.approx(1.0, abs=1e-5)
+    assert sorted(p.name for p in cache_root(store, newer, "images").iterdir()) == [f"g{newer.generation:06d}"]  # stale one gone
+
+
+def test_flat_cache_of_a_remote_store_is_local(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("SSJDN_CACHE_DIR", str(tmp_path / "cache"))
+    store, mid, vecs, cols = write_synthetic_version(f"s3://{s3_bucket}/emb", units=2, rows=40, dim=8)
+    manifest = store.manifest(mid)
+    q = vecs[17] + 0.01
+    streamed = exact_search(store, manifest, q, k=5, cache=False)[0]
+    cached = exact_search(store, manifest, q, k=5, cache=True)[0]
+    assert [(h.key, h.source) for h in cached] == [(h.key, h.source) for h in streamed]
+    folder = load_cache(store, manifest, "images").folder
+    assert folder.is_relative_to(tmp_path / "cache") and (folder / "meta.json").exists()
+    assert not store.fs.exists(f"{s3_bucket}/emb/{mid}/_flat")  # nothing written into the store
 
 
 def test_ann_recall_reported_and_stale_after_commit(tmp_path):

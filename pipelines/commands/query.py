@@ -10,7 +10,6 @@ NAME = "query"
 HELP = "retrieve the images (or captions) nearest to a caption or an image from an embedding store"
 
 
-
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", nargs="?", default=None, metavar="TEXT", help="the query caption")
     p.add_argument("--image", default=None, metavar="PATH", help="query by an image (path or URL) instead")
@@ -20,6 +19,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--where", default=None, help="filter, e.g. \"class = 'airport' AND split = 'test'\"")
     p.add_argument("--table", choices=("images", "captions"), default="images", help="what to search")
     p.add_argument("--ann", action="store_true", help="use (building if needed) the version's ANN index")
+    p.add_argument("--no-cache", action="store_true",
+                   help="exact search decodes the Parquet files instead of the version's memory-mapped cache "
+                        "(used, and built by the first query, on tables of 100k rows or more)")  # fmt: skip
     p.add_argument("--checkpoint", default=None, metavar="URL", help="checkpoint (default: the one the version records)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--html", default=None, metavar="OUT.html", help="write a page of thumbnails, captions and scores")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         options = parse_storage_options(args.storage_option)
         result = query_store(
             args.store, text=args.text, image=args.image, k=args.k, model_id=args.model_id, where=args.where,
-            table=args.table, ann=args.ann, checkpoint=args.checkpoint, storage_options=options,
+            table=args.table, ann=args.ann, cache=False if args.no_cache else None, checkpoint=args.checkpoint, storage_options=options,
         )  # fmt: skip
         if args.html:
             _write_html(args.html, result, options)
