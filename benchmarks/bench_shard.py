@@ -8,6 +8,8 @@ members, hashes every byte and commits each shard by rename. Both validation lev
 run: `structure` (the default: header + the file is complete, no pixel decoding) and `full` (decode every
 image). Best of `--repeat` runs each, runs of the different commands interleaved so that a burst of load on a
 shared machine hits all of them alike. The floors below say what parts cost on their own, in one process.
+The comparison runs twice: on the dataset as it is (UCM: 33 kB JPEGs, where per-sample Python work dominates)
+and on `--tiles` generated 1024 px uncompressed RGB TIFF tiles (3 MB each, archive-like, where the bytes do).
 Memory: a fresh process shards N and 10N samples (the UCM images listed 10x under new names, via symlinks);
 peak RSS of the whole process tree (parent + writer processes) is sampled every 20 ms.
 """
@@ -168,6 +170,53 @@ def peak_tree_rss(cmd: list[str], log: Path) -> tuple[int, int, int, float]:
     return peak_tree, peak_parent, peak_child, time.perf_counter() - t0
 
 
+def compare_with_tar(data: Path, scratch: Path, workers: int, repeat: int, label: str) -> int:
+    """Throughput of `tar -cf` and of sharding (both validation levels) on `data`, printed side by side;
+    returns the number of images."""
+    files = _image_files(data)
+    nbytes = _warm(files)
+    n = len(files)
+    levels = ("structure", "full")
+    runs: dict[str, list[Clock]] = {k: [] for k in ("tar", "plan", *levels)}
+    procs: dict[str, list[int]] = {level: [] for level in levels}
+    for _ in range(repeat):  # interleaved: a burst of load elsewhere hits every command alike
+        runs["tar"].append(time_tar(files, scratch))
+        for level in levels:
+            clock, manifest, started = time_shard(data, scratch, workers, level)
+            assert manifest["totals"]["samples"] == n and manifest["options"]["validate"] == level
+            runs[level].append(clock)
+            procs[level].append(started)
+        runs["plan"].append(time_plan(data, scratch))
+    best = {k: min(c.wall for c in v) for k, v in runs.items()}
+    cpu = {k: min(c.cpu for c in v) for k, v in runs.items()}
+    floors = {level: time_validation_only(files, level) for level in levels}
+    best.update({f"floor-{lv}": c.wall for lv, c in floors.items()})
+    cpu.update({f"floor-{lv}": c.cpu for lv, c in floors.items()})
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"\n{label}: {data} ({n} images, {nbytes / 1e6:.1f} MB, {nbytes / n / 1e3:.0f} kB each); CPUs: "
+        f"{os.cpu_count()}; load average {load:.1f}; best of {repeat}"
+    )
+    width = 54
+    print(f"{'':{width}}{'seconds':>9}{'samples/s':>12}{'MB/s':>9}{'vs tar':>8}{'CPU s':>8}")
+    rows = [
+        ("tar -cf (copy only)", "tar"),
+        *((f"ssjdn shard --validate {lv}, {workers} workers", lv) for lv in levels),
+        ("  floor: read dataset.json + plan (no image read)", "plan"),
+        *((f"  floor: check_image level={lv} alone, 1 process", f"floor-{lv}") for lv in levels),
+    ]
+    for row_label, k in rows:
+        t = best[k]
+        print(f"{row_label:{width}}{t:9.2f}{n / t:12.0f}{nbytes / 1e6 / t:9.1f}{best['tar'] / t:8.3f}{cpu[k]:8.2f}")
+    for level in levels:
+        spread = ", ".join(f"{c.wall:.2f}" for c in runs[level])
+        print(
+            f"throughput ratio shard / tar, {label}, --validate {level}: {best['tar'] / best[level]:.3f}  "
+            f"(goal >= 0.5); runs: {spread} s; worker processes started: {procs[level]}"
+        )
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -176,54 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=int, default=10, help="memory run: this many times the dataset")
     ap.add_argument("--scratch", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--tiles", type=int, default=100, help="also compare on this many large generated tiles (0: skip)")
+    ap.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels (uncompressed RGB TIFF)")
     args = ap.parse_args(argv)
     if not (args.data / "dataset.json").exists():
         print(f"no dataset at {args.data}; pass --data", file=sys.stderr)
         return 2
     scratch = Path(tempfile.mkdtemp(prefix="bench-shard-", dir=args.scratch))
     try:
-        files = _image_files(args.data)
-        nbytes = _warm(files)
-        n = len(files)
-        levels = ("structure", "full")
-        runs: dict[str, list[Clock]] = {k: [] for k in ("tar", "plan", *levels)}
-        procs: dict[str, list[int]] = {level: [] for level in levels}
-        for _ in range(args.repeat):  # interleaved: a burst of load elsewhere hits every command alike
-            runs["tar"].append(time_tar(files, scratch))
-            for level in levels:
-                clock, manifest, started = time_shard(args.data, scratch, args.workers, level)
-                assert manifest["totals"]["samples"] == n and manifest["options"]["validate"] == level
-                runs[level].append(clock)
-                procs[level].append(started)
-            runs["plan"].append(time_plan(args.data, scratch))
-        best = {k: min(c.wall for c in v) for k, v in runs.items()}
-        cpu = {k: min(c.cpu for c in v) for k, v in runs.items()}
-        floors = {level: time_validation_only(files, level) for level in levels}
-        best.update({f"floor-{lv}": c.wall for lv, c in floors.items()})
-        cpu.update({f"floor-{lv}": c.cpu for lv, c in floors.items()})
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(
-            f"data: {args.data} ({n} images, {nbytes / 1e6:.1f} MB); scratch: {scratch}; CPUs: {os.cpu_count()}; "
-            f"load average {load:.1f}; best of {args.repeat}"
-        )
-        width = 54
-        print(f"{'':{width}}{'seconds':>9}{'samples/s':>12}{'MB/s':>9}{'vs tar':>8}{'CPU s':>8}")
-        rows = [
-            ("tar -cf (copy only)", "tar"),
-            *((f"ssjdn shard --validate {lv}, {args.workers} workers", lv) for lv in levels),
-            ("  floor: read dataset.json + plan (no image read)", "plan"),
-            *((f"  floor: check_image level={lv} alone, 1 process", f"floor-{lv}") for lv in levels),
-        ]
-        for label, k in rows:
-            t = best[k]
-            print(f"{label:{width}}{t:9.2f}{n / t:12.0f}{nbytes / 1e6 / t:9.1f}{best['tar'] / t:8.3f}{cpu[k]:8.2f}")
-        for level in levels:
-            spread = ", ".join(f"{c.wall:.2f}" for c in runs[level])
-            print(
-                f"throughput ratio shard / tar, --validate {level}: {best['tar'] / best[level]:.3f}  (goal >= 0.5); "
-                f"runs: {spread} s; worker processes started: {procs[level]}"
-            )
+        n = compare_with_tar(args.data, scratch, args.workers, args.repeat, args.data.name)
+        if args.tiles:
+            from ssjdn.data.synthetic import generate_synthetic
 
+            tiles = generate_synthetic(scratch / "tiles", n_per_class=max(1, args.tiles // 10), size=args.tile_size,
+                                       image_format="tif", name="tiles")  # fmt: skip
+            compare_with_tar(tiles, scratch, args.workers, args.repeat,
+                             f"synthetic {args.tile_size}x{args.tile_size} RGB TIFF tiles")  # fmt: skip
         if not args.skip_memory:
             big = make_repeated_dataset(args.data, scratch / "big", args.scale)
             results = []

@@ -2,7 +2,7 @@
 
 Runs in worker processes (or a thread of the parent); everything it needs comes in a picklable `ShardJob` and
 `WriteContext`. Per sample the hot path is: one read of the file, one header parse plus a structural check (or
-one decode with `validate="full"`), one json dump, one write and one hash update of the sample's tar bytes.
+one decode with `validate="full"`), one json dump, and one write plus one hash update of the sample's tar bytes (in a background thread).
 """
 
 from __future__ import annotations
@@ -232,8 +232,8 @@ def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
     try:
         # We open and close the stream ourselves: on S3 the object only exists once close() returns.
-        with (open(tmp, "wb") if is_local(fs) else fs.open(tmp, "wb")) as raw:
-            out = HashingWriter(raw)
+        # Hashing and writing happen in HashingWriter's thread while this one reads and checks the next sample.
+        with (open(tmp, "wb") if is_local(fs) else fs.open(tmp, "wb")) as raw, HashingWriter(raw) as out:
             tar = TarStream(out)
             for planned in job.samples:
                 sample = planned.sample

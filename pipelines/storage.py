@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import posixpath
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -238,21 +240,56 @@ def sha256_of(fs, path: str, block: int = 8 << 20) -> tuple[str, int]:
 
 
 class HashingWriter:
-    """Write-through wrapper that hashes and counts the bytes on their way to storage (no second read)."""
+    """Write-through wrapper that hashes and counts the bytes on their way to storage (no second read).
 
-    def __init__(self, raw) -> None:
+    The hashing and the writing run in a background thread - both release the GIL - so the caller prepares
+    the next piece meanwhile (sha256 alone costs about as much as copying cached bytes). Use it as a context
+    manager around the open target: leaving the block waits until every byte is hashed and written, and
+    re-raises the first write error (a failed write is also raised by the next `write`).
+    """
+
+    def __init__(self, raw, max_pending: int = 8) -> None:
         self.raw = raw
         self.sha = hashlib.sha256()
         self.size = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)  # bounds the bytes in flight
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="hashing-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:  # after a failure keep taking items, so a blocked `write` wakes up
+                try:
+                    self.sha.update(data)
+                    self.raw.write(data)
+                except BaseException as exc:
+                    self._error = exc
 
     def write(self, data) -> int:
-        self.sha.update(data)
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
         self.size += len(data)
-        self.raw.write(data)
         return len(data)
 
-    def flush(self) -> None:
-        self.raw.flush()
+    def close(self) -> None:
+        """Wait until everything queued is hashed and written; raise the first write error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the caller failed: stop the thread, its error (if any) is secondary
+            self._queue.put(None)
+            self._thread.join()
 
     def hexdigest(self) -> str:
         return self.sha.hexdigest()

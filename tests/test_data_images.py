@@ -267,3 +267,44 @@ def test_read_image_bytes_local_and_url(tmp_path, rgb):
     assert read_image_bytes("memory://bucket/a.png") == data
     with pytest.raises(FileNotFoundError):
         read_image_bytes(tmp_path / "nope.png")
+
+
+def _jpeg(mode: str, **save) -> bytes:
+    arr = np.random.default_rng(0).integers(0, 255, (37, 53, len(mode) if mode != "L" else 1), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr.squeeze(), mode).save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "mode, save",
+    [("RGB", {}), ("L", {}), ("CMYK", {}), ("RGB", {"progressive": True}), ("RGB", {"subsampling": 0}),
+     ("RGB", {"exif": Image.Exif().tobytes()}), ("RGB", {"icc_profile": b"\0" * 3000})],
+    ids=["rgb", "grey", "cmyk", "progressive", "444", "exif", "icc"],
+)  # fmt: skip
+def test_structure_check_of_plain_jpeg_reports_what_pillow_reports(mode, save):
+    from ssjdn.data.images import structure
+
+    data = _jpeg(mode, **save)
+    im = Image.open(io.BytesIO(data))
+    assert structure.jpeg_info(data, "x.jpg") == (im.width, im.height, im.mode)  # the fast path is taken
+    info = check_image(data, "x.jpg", level="structure")
+    assert (info.format, info.width, info.height, info.mode) == (im.format, im.width, im.height, im.mode)
+    with pytest.raises(ImageDecodeError, match=r"x\.jpg: truncated JPEG: no end-of-image marker"):
+        check_image(data[:-60], "x.jpg", level="structure")  # cut inside the scan data
+
+
+def test_structure_check_leaves_unusual_jpeg_headers_to_pillow():
+    from ssjdn.data.images import structure
+
+    rgb = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    buf = io.BytesIO()
+    rgb.save(buf, "MPO", save_all=True, append_images=[rgb])  # multi-picture: Pillow says MPO, not JPEG
+    mpo = buf.getvalue()
+    assert structure.jpeg_info(mpo, "m.jpg") is None
+    assert check_image(mpo, "m.jpg", level="structure").format == "MPO"
+    plain = _jpeg("RGB")
+    twelve_bit = plain.replace(b"\xff\xc0\x00\x11\x08", b"\xff\xc0\x00\x11\x0c", 1)  # SOF0 precision 12
+    assert twelve_bit != plain and structure.jpeg_info(twelve_bit, "t.jpg") is None
+    with pytest.raises(ImageDecodeError, match="t.jpg"):  # Pillow cannot handle 12-bit layers: named error
+        check_image(twelve_bit, "t.jpg", level="structure")

@@ -111,6 +111,11 @@ def check_image(data: bytes, name: str, *, max_pixels: int | None = None, level:
             if level == "full" or not structure.check_tiff(data, name, tags):
                 _decode_tiff_bands(data, name, max_pixels, tags)
             return info
+    if level == "structure":
+        plain_jpeg = structure.jpeg_info(data, name)  # the common case, without Pillow
+        if plain_jpeg is not None:
+            _check_size(plain_jpeg[0], plain_jpeg[1], name, max_pixels)
+            return ImageInfo("JPEG", *plain_jpeg)
     im = _open(data, name)
     _check_size(im.width, im.height, name, max_pixels)
     info = ImageInfo(im.format or "unknown", im.width, im.height, im.mode)

@@ -23,10 +23,49 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IEND_CRC = b"\xaeB`\x82"  # CRC-32 of b"IEND": the same in every PNG
 
 
+# Start-of-frame markers (all coding processes) - C4 (DHT), C8 (JPG extension) and CC (DAC) are not frames.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}  # Pillow's mode for 1, 3 and 4 components
+
+
 def check_jpeg(data: bytes, name: str) -> None:
     sos = _jpeg_scan_start(data)
     if sos is None:
         raise ImageDecodeError(f"{name}: truncated or corrupt JPEG: no start-of-scan (SOS) marker after the header")
+    _check_jpeg_end(data, sos, name)
+
+
+def jpeg_info(data: bytes, name: str) -> tuple[int, int, str] | None:
+    """(width, height, Pillow mode) of a complete plain 8-bit JPEG from one walk over its header segments, plus
+    `check_jpeg`'s end-of-image test - without Pillow (about 10x cheaper than opening it).
+
+    None when the header is anything but plain (no frame header before the scan, 12-bit samples, an unusual
+    component count, a zero height, a multi-picture MPF segment, a malformed segment): the caller then opens
+    the file with Pillow, which reports the format and errors as it always does.
+    """
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    frame = None
+    for marker, pos in _jpeg_segments(data):
+        if marker == 0xDA:
+            if frame is None:
+                return None
+            _check_jpeg_end(data, pos, name)
+            return frame
+        if marker in _SOF and frame is None:
+            seg = data[pos + 4 : pos + 10]  # precision, height, width, components
+            if len(seg) < 6 or seg[0] != 8 or seg[5] not in _JPEG_MODES:
+                return None
+            height, width = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big")
+            if not height or not width:
+                return None
+            frame = (width, height, _JPEG_MODES[seg[5]])
+        elif marker == 0xE2 and data[pos + 4 : pos + 8] == b"MPF\x00":  # Pillow reports these as MPO
+            return None
+    return None
+
+
+def _check_jpeg_end(data: bytes, sos: int, name: str) -> None:
     tail = data.rstrip(_JPEG_PADDING)
     if tail.endswith(b"\xff\xd9") and len(tail) - 2 > sos:
         return
@@ -38,24 +77,35 @@ def check_jpeg(data: bytes, name: str) -> None:
 
 def _jpeg_scan_start(data: bytes) -> int | None:
     """Offset of the first SOS marker, found by walking the header segments by their declared lengths."""
+    for marker, pos in _jpeg_segments(data):
+        if marker == 0xDA:
+            return pos
+    return None
+
+
+def _jpeg_segments(data: bytes):
+    """(marker, offset) of each header marker up to and including the first SOS; stops early (without an SOS)
+    at an EOI, the end of the data or a length running past it."""
     n = len(data)
     pos = 2  # after SOI
     while True:
         pos = data.find(b"\xff", pos)  # decoders skip stray bytes between segments; so do we
         if pos < 0 or pos + 1 >= n:
-            return None
+            return
         marker = data[pos + 1]
         if marker == 0xDA:
-            return pos
+            yield marker, pos
+            return
         if marker == 0xFF:  # fill byte
             pos += 1
         elif marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8:  # no length field
             pos += 2
         elif marker == 0xD9:  # EOI before any scan
-            return None
+            return
         else:
             if pos + 4 > n:
-                return None
+                return
+            yield marker, pos
             pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
 
 

@@ -78,7 +78,7 @@ def safe_relative_name(name: Any, *, file: str, where: str) -> str:
             f"{file}: {where}: image file name {name!r} is absolute or not a POSIX relative path; "
             "names must be relative to the image root"
         )
-    parts = [p for p in PurePosixPath(name).parts if p != "."]
+    parts = [p for p in name.split("/") if p not in ("", ".")]  # as PurePosixPath(name).parts, ~5x cheaper
     if ".." in parts:
         raise DatasetFormatError(f"{file}: {where}: image file name {name!r} escapes the image root ('..')")
     if not parts:
