@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_train_input import UCM, _free_port, _s3_env
+from benchmarks.bench_train_input import UCM
+from benchmarks.local_s3 import local_s3
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,21 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", default=None, help="copy the run directory here at the end")
     args = p.parse_args(argv)
 
-    import boto3
-
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {**os.environ, **_s3_env(endpoint)}
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        os.environ.update(_s3_env(endpoint))
-        for _ in range(100):
-            try:
-                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="accept")
-                break
-            except Exception:  # noqa: BLE001 - still starting
-                time.sleep(0.2)
+    with local_s3("accept") as env:
         from pipelines.shard import shard_dataset
 
         t0 = time.time()
@@ -90,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             run.fs.get(run.root, args.keep, recursive=True)
             print(f"copied the run directory to {args.keep}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return 0
 
 

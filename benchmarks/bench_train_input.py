@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,18 +31,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 UCM = REPO.parent / "shared" / "data" / "ucm-captions"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _s3_env(endpoint: str) -> dict[str, str]:
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
 
 
 class PeakRSS:
@@ -185,23 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         return 0
 
-    import boto3
-
+    from benchmarks.local_s3 import local_s3
     from pipelines.shard import shard_dataset
 
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {**os.environ, **_s3_env(endpoint)}
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        os.environ.update(_s3_env(endpoint))
-        for _ in range(100):
-            try:
-                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench-train-input")
-                break
-            except Exception:  # noqa: BLE001 - the server is still starting
-                time.sleep(0.2)
+    with local_s3("bench-train-input") as env:
         with tempfile.TemporaryDirectory() as tmp:
             data = args.data
             if data is None:
@@ -222,9 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         few = _child("memory-scan", args, layouts["few"], env)
         many = _child("memory-scan", args, layouts["many"], env)
         load1 = os.getloadavg()[0]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
     ratio = s3["samples_per_s"] / mem["samples_per_s"]
     rss_ratio = many["peak_rss_mb"] / few["peak_rss_mb"]

@@ -120,7 +120,7 @@ def _read_one(unit: dict[str, Any], transform, shape, storage_options) -> Iterat
                 row["captions"] = []
             if row["error"] is None and want_images:
                 try:
-                    row["pixels"] = transform(decode_image(s["image"], s["name"])).numpy()
+                    row["pixels"] = transform.array(decode_image(s["image"], s["name"]))  # numpy: no torch here
                 except Exception as exc:  # ImageDecodeError names the file; anything else is a bad image too
                     row["error"] = str(exc) or type(exc).__name__
             rows.append(row)

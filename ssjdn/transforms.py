@@ -1,4 +1,8 @@
-"""Image preprocessing with Pillow + numpy only (no torchvision): PIL RGB image -> normalised float tensor [3, H, W]."""
+"""Image preprocessing with Pillow + numpy only (no torchvision): PIL RGB image -> normalised float tensor [3, H, W].
+
+torch is imported only where it is needed (the tensor wrap and the training augmentations' random numbers):
+`ImageTransform.array` at eval time needs no torch, so Ray Data's decode tasks do not pay its import.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,6 +57,8 @@ class ImageTransform:
         )
 
     def _crop_box(self, w: int, h: int) -> tuple[int, int, int, int]:
+        import torch
+
         area = w * h
         for _ in range(10):
             target = area * (self.crop_scale_min + (1 - self.crop_scale_min) * torch.rand(()).item())
@@ -67,10 +72,19 @@ class ImageTransform:
                 return x, y, x + cw, y + ch
         return 0, 0, w, h
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image):
+        """FloatTensor [3, size, size]."""
+        import torch
+
+        return torch.from_numpy(self.array(image))
+
+    def array(self, image: Image.Image) -> np.ndarray:
+        """The same as a float32 numpy array [3, size, size] (eval: no torch involved)."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         if self.train:
+            import torch
+
             image = image.resize((self.size, self.size), Image.BILINEAR, box=self._crop_box(*image.size))
             if torch.rand(()).item() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -84,4 +98,4 @@ class ImageTransform:
             image = image.resize((self.size, self.size), Image.BILINEAR)
         arr = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
         arr = (arr - self.mean) / self.std
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        return np.ascontiguousarray(arr)

@@ -297,3 +297,14 @@ def test_tar_stream_keeps_long_names_and_matches_tarfile_layout(tmp_path):
         (f"{key}.txt", 7, sharding.TAR_MTIME, "ssjdn"),
         ("short.json", 2, sharding.TAR_MTIME, "ssjdn"),
     ]
+
+
+def test_cli_sizes_accept_whole_scientific_notation_only(capsys):
+    from pipelines.cli import build_parser
+
+    args = build_parser().parse_args(["shard", "data", "out", "--maxsize", "1e9", "--maxcount", "250"])
+    assert (args.maxsize, args.maxcount) == (1_000_000_000, 250)
+    for bad in ("1.5", "0", "many"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["shard", "data", "out", "--maxcount", bad])
+        assert "--maxcount" in capsys.readouterr().err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipelines.commands.argtypes import positive_int
+
 NAME = "shard"
 HELP = "shard an image-caption dataset into WebDataset tars (local path, s3://bucket/prefix, any fsspec URL)"
 
@@ -22,13 +24,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    value = int(float(text))  # accepts 1e9 for --maxsize
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return value
-
-
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", metavar="DATASET", help="dataset folder or description file (see `ssjdn data`)")
     p.add_argument("dest", metavar="DEST_URL", help="output: a local path, s3://bucket/prefix, or any fsspec URL")
@@ -36,10 +31,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", default=None, help="image folder (default: DATASET/images or DATASET)")
     p.add_argument("--name", default=None, help="dataset name used in sample keys (default: from the dataset)")
     p.add_argument("--splits", type=_splits, default=None, help="comma-separated splits (default: all)")
-    p.add_argument("--maxcount", type=_positive, default=1000, help="samples per shard at most (default 1000)")
-    p.add_argument("--maxsize", type=_positive, default=1_000_000_000, help="bytes per shard, about (default 1e9)")
+    p.add_argument("--maxcount", type=positive_int, default=1000, help="samples per shard at most (default 1000)")
+    p.add_argument("--maxsize", type=positive_int, default=1_000_000_000, help="bytes per shard, about (default 1e9)")
     p.add_argument("--shuffle-seed", type=int, default=None, help="spread samples over shards by a seeded shuffle")
-    p.add_argument("--resize", type=_positive, default=None, help="shrink images to this longer side (re-encodes)")
+    p.add_argument("--resize", type=positive_int, default=None, help="shrink images to this longer side (re-encodes)")
     p.add_argument("--reencode", choices=("jpg", "png", "webp"), default=None, help="re-encode images")
     p.add_argument(
         "--validate",
@@ -53,7 +48,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--workers",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="writers: this process plus up to W-1 worker processes, started only when the remaining work "
         "outlasts their start-up (default: min(4, CPUs))",
