@@ -26,7 +26,8 @@ def discover(only: list[str] | None) -> list[str]:
 
 
 def headline(text: str, lines: int = 3) -> str:
-    kept = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    # Summary lines, not the raw JSON records some benchmarks print last.
+    kept = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and not ln.lstrip().startswith(("{", "}"))]
     return " / ".join(kept[-lines:]).replace("|", "\\|")[:400]
 
 

@@ -29,6 +29,7 @@ from pipelines.store import DTYPES, EmbeddingStore, VersionWriter, build_table
 
 log = logging.getLogger(__name__)
 
+OBJECT_STORE_BUDGET = 256 << 20  # bytes of queued blocks per encoder actor (see _run)
 READ_BATCH = 32  # samples per block leaving a read task (bounds block size: 32 x 3 x 256 x 256 x 4 B = 25 MB)
 _ENV_PREFIXES = ("AWS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "SSJDN_", "OMP_")
 OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
@@ -347,6 +348,11 @@ def _run(todo, enc, blob: CheckpointBlob, writer: VersionWriter, report: EmbedRe
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
+    # Backpressure: decoded pixel blocks waiting for the encoder may take this much of the object store, not a
+    # fraction of it. Decoding outruns encoding, so without a cap the queue - and the job's memory - grows with
+    # the archive until Ray's default budget (30 % of the object store) is reached.
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=OBJECT_STORE_BUDGET * max(1, concurrency))
     cfg = enc.cfg
     units = {u["id"]: u for u in todo}
     # Workers of a cluster we did not start may lack the storage/offline variables: pass them per stage.
