@@ -42,6 +42,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "full": {"model.bsd": True, "model.lsd": True, "loss.name": "stl", "loss.variant": "hardest"},
     # The full model (BSD + LSD) with InfoNCE in place of STL: the contrastive reference on the same network.
     "infonce": {"model.bsd": True, "model.lsd": True, "loss.name": "infonce"},
+    # Full minus BSD: what BSD adds on top of the other two parts (bsd alone vs vsepp measures it in isolation).
+    "lsd_stl": {"model.bsd": False, "model.lsd": True, "loss.name": "stl", "loss.variant": "hardest"},
     # Tried when full did not beat vsepp at a 1-epoch budget: the LSD cross-entropy (~2.7) dwarfs the retrieval
     # loss (~0.47) and, through the global grad clip (2.0), shrinks the retrieval update about 4x. Weight it down.
     "full_lsdw02": {"model.bsd": True, "model.lsd": True, "loss.name": "stl", "loss.variant": "hardest",

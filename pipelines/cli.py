@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # one line per HTTP request (Prefect API, S3) buries what the job itself says
+        for noisy in ("httpx", "httpcore", "botocore", "aiobotocore", "s3fs"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(args._run(args) or 0)
 
 
