@@ -94,7 +94,7 @@ def load_cache(store: EmbeddingStore, manifest: Manifest, table: str) -> FlatCac
     folder = cache_root(store, manifest, table) / f"g{manifest.generation:06d}"
     try:
         meta = json.loads((folder / "meta.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError):  # missing, unreadable, or its folder cannot exist: no cache
         return None
     if meta != _expected_meta(store, manifest, table):
         return None
@@ -155,4 +155,20 @@ def get_cache(
         return cache
     if build is None:
         build = manifest.rows(table) >= MIN_ROWS
-    return build_cache(store, manifest, table) if build else None
+    if not build:
+        return None
+    root = cache_root(store, manifest, table)
+    need = manifest.rows(table) * manifest.dim * 4
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if free < 2 * need:  # leave room for everything else on that disk
+            log.warning(
+                "not building the exact-search cache at %s: it needs %.2f GB and the disk has %.2f GB free; "
+                "scanning Parquet instead", root, need / 1e9, free / 1e9,
+            )  # fmt: skip
+            return None
+        return build_cache(store, manifest, table)
+    except OSError as exc:  # a read-only store mount, a full disk: the scan gives the same answer
+        log.warning("could not build the exact-search cache at %s (%s); scanning Parquet instead", root, exc)
+        return None

@@ -177,3 +177,14 @@ def test_query_dimension_and_empty_table_errors(synthetic, tmp_path):
     with pytest.raises(StoreError, match="no committed captions"):
         exact_search(store, manifest, np.ones(24, np.float32), table="captions")
     assert isinstance(store.read_table(manifest, "captions"), pa.Table)
+
+
+def test_flat_cache_falls_back_to_the_scan_when_it_cannot_be_written(tmp_path, monkeypatch):
+    store, mid, vecs, cols = write_synthetic_version(str(tmp_path / "s"), units=1, rows=200, dim=8)
+    manifest = store.manifest(mid)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should go")
+    monkeypatch.setattr("pipelines.flat.cache_root", lambda *a: blocker / "flat")
+    q = vecs[42]
+    hits = exact_search(store, manifest, q, k=3, cache=True)[0]  # asked for but cannot be written: scanned
+    assert hits[0].key == cols["key"][42]

@@ -126,3 +126,29 @@ def test_with_retries_does_not_retry_data_or_missing_files():
     assert len(calls) == 1
     assert not storage.is_storage_error(ValueError("bad json"))
     assert storage.is_storage_error(OSError(5, "I/O error"))
+
+
+def test_hashing_writer_hashes_writes_in_order_and_surfaces_write_errors():
+    import hashlib
+    import io
+
+    from pipelines.storage import HashingWriter
+
+    parts = [bytes([i]) * (i * 1000 + 1) for i in range(40)]
+    sink = io.BytesIO()
+    with HashingWriter(sink, max_pending=2) as out:
+        for p in parts:
+            out.write(p)
+    assert sink.getvalue() == b"".join(parts)
+    assert out.hexdigest() == hashlib.sha256(b"".join(parts)).hexdigest() and out.size == len(sink.getvalue())
+
+    class FailingSink(io.BytesIO):
+        def write(self, data):
+            if self.tell() > 5000:
+                raise OSError("disk full")
+            return super().write(data)
+
+    with pytest.raises(OSError, match="disk full"):
+        with HashingWriter(FailingSink(), max_pending=2) as out:
+            for p in parts:  # the error comes back on a later write or when the block ends
+                out.write(p)
