@@ -3,7 +3,7 @@ checkpoint; exactness against the model's direct output, and caption -> image re
 
     .venv/bin/python benchmarks/bench_store_retrieval.py --checkpoint runs/cpu-small/best.pt
 
-1. starts a moto S3 server on 127.0.0.1 (like the tests), shards ../shared/data/ucm-captions (test split)
+1. starts a moto S3 server on 127.0.0.1 (`benchmarks.local_s3`), shards ../shared/data/ucm-captions (test split)
    onto it with `ssjdn shard`'s code, and embeds it with `ssjdn embed ... --captions --splits test`;
 2. compares every stored image and caption embedding with the model's own output for the same files
    (max |difference|, goal <= 1e-5 in float32);
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -28,24 +26,6 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 UCM = REPO.parent / "shared" / "data" / "ucm-captions"
-
-
-def moto() -> tuple[object, str]:
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})  # fmt: skip
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="acceptance")
-    return server, endpoint
 
 
 def main() -> None:
@@ -58,6 +38,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+    from benchmarks.local_s3 import local_s3
     from pipelines.cli import main as ssjdn
     from pipelines.embed import embed_archive
     from pipelines.encoders import read_checkpoint, restore_encoders
@@ -67,8 +48,8 @@ def main() -> None:
     from ssjdn.data.images import decode_image
     from ssjdn.data.readers import load_dataset
 
-    server, endpoint = moto()
-    try:
+    with local_s3("acceptance") as env:
+        endpoint = env["AWS_ENDPOINT_URL"]
         shards, store_url = "s3://acceptance/ucm-shards", "s3://acceptance/store"
         t = time.perf_counter()
         shard_dataset(args.data, shards, splits=[args.split], maxcount=100, progress=False)
@@ -125,8 +106,6 @@ def main() -> None:
         ssjdn(["query", "many planes parked near a terminal", "--store", store_url, "--html", str(out)])
         print(f"\nthumbnail page: {out}")
         print(f"\nsummary\n{exactness}\n{retrieval}")  # last: `make bench` takes the closing lines as the headline
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def cache_root(store: EmbeddingStore, manifest: Manifest, table: str) -> Path:
     return base / "flat" / store_id / manifest.model_id / table
 
 
-def _expected_meta(store: EmbeddingStore, manifest: Manifest, table: str) -> dict:
+def _expected_meta(manifest: Manifest, table: str) -> dict:
     return {
         "model_id": manifest.model_id,
         "generation": manifest.generation,
@@ -96,7 +96,7 @@ def load_cache(store: EmbeddingStore, manifest: Manifest, table: str) -> FlatCac
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):  # missing, unreadable, or its folder cannot exist: no cache
         return None
-    if meta != _expected_meta(store, manifest, table):
+    if meta != _expected_meta(manifest, table):
         return None
     matrix = np.load(folder / "embeddings.npy", mmap_mode="r")
     if matrix.shape != (meta["rows"], meta["dim"]) or matrix.dtype != np.float32:
@@ -109,7 +109,7 @@ def build_cache(store: EmbeddingStore, manifest: Manifest, table: str) -> FlatCa
     """Write this generation's matrix (temp name, rename, then meta.json) and drop older generations."""
     from pipelines.query import DEFAULT_BATCH_ROWS, _iter_file_batches
 
-    meta = _expected_meta(store, manifest, table)
+    meta = _expected_meta(manifest, table)
     root = cache_root(store, manifest, table)
     folder = root / f"g{manifest.generation:06d}"
     folder.mkdir(parents=True, exist_ok=True)

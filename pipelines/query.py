@@ -156,13 +156,16 @@ def exact_topk(
         )
     tree = parse_where(where, table) if where else None
     expr = to_arrow(tree) if tree is not None else None
-    columns = ["embedding", *sorted(columns_of(tree))] if tree is not None else ["embedding"]
+    filter_columns = sorted(columns_of(tree)) if tree is not None else []
+    columns = ["embedding", *filter_columns]
     if cache is not False:
         from pipelines.flat import get_cache
 
         flat = get_cache(store, manifest, table, build=cache)
         if flat is not None:
-            rows = _matching_rows(store, files, tree, batch_rows) if tree is not None else None
+            rows = None
+            if expr is not None:  # only the filter's columns are read, not the embeddings
+                rows = _matching_rows(store, files, expr, filter_columns, batch_rows)
             return files, _ranked_from_global(manifest, table, *flat.topk(q, k, rows))
     qt = np.ascontiguousarray(q.T)
 
@@ -174,7 +177,7 @@ def exact_topk(
             rows = np.arange(offset, offset + n)
             offset += n
             if expr is not None:
-                tbl = pa.Table.from_batches([batch]).append_column("_row", pa.array(rows)).filter(expr)
+                tbl = _filter_batch(batch, rows, expr)
                 if tbl.num_rows == 0:
                     continue
                 emb, rows = tbl.column("embedding"), tbl.column("_row").to_numpy()
@@ -192,17 +195,22 @@ def exact_topk(
     return files, [top.result(i) for i in range(len(q))]
 
 
-def _matching_rows(store: EmbeddingStore, files: list[str], tree, batch_rows: int) -> np.ndarray:
-    """Global row numbers (manifest file order) that pass the filter: only the filter's columns are read."""
-    expr, columns = to_arrow(tree), sorted(columns_of(tree))
+def _filter_batch(batch: pa.RecordBatch, rows: np.ndarray, expr) -> pa.Table:
+    """The rows of `batch` that pass `expr`, with their row numbers in the file as column `_row`."""
+    return pa.Table.from_batches([batch]).append_column("_row", pa.array(rows)).filter(expr)
+
+
+def _matching_rows(
+    store: EmbeddingStore, files: list[str], expr, columns: list[str], batch_rows: int
+) -> np.ndarray:
+    """Global row numbers (manifest file order) that pass the filter, reading only `columns` of each file."""
 
     def scan(path: str) -> tuple[np.ndarray, int]:
         found, offset = [], 0
         for batch in _iter_file_batches(store, path, columns, batch_rows):
             rows = np.arange(offset, offset + batch.num_rows)
             offset += batch.num_rows
-            tbl = pa.Table.from_batches([batch]).append_column("_row", pa.array(rows)).filter(expr)
-            found.append(tbl.column("_row").to_numpy())
+            found.append(_filter_batch(batch, rows, expr).column("_row").to_numpy())
         return (np.concatenate(found) if found else np.empty(0, np.int64)), offset
 
     with ThreadPoolExecutor(max_workers=max(1, min(SCAN_THREADS, len(files)))) as pool:

@@ -2,7 +2,8 @@
 
 Runs in worker processes (or a thread of the parent); everything it needs comes in a picklable `ShardJob` and
 `WriteContext`. Per sample the hot path is: one read of the file, one header parse plus a structural check (or
-one decode with `validate="full"`), one json dump, and one write plus one hash update of the sample's tar bytes (in a background thread).
+one decode with `validate="full"`), one json dump, and one write plus one hash update of the sample's tar bytes
+(those two in a background thread).
 """
 
 from __future__ import annotations

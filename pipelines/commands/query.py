@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         options = parse_storage_options(args.storage_option)
         result = query_store(
             args.store, text=args.text, image=args.image, k=args.k, model_id=args.model_id, where=args.where,
-            table=args.table, ann=args.ann, cache=False if args.no_cache else None, checkpoint=args.checkpoint, storage_options=options,
+            table=args.table, ann=args.ann, cache=False if args.no_cache else None, checkpoint=args.checkpoint,
+            storage_options=options,
         )  # fmt: skip
         if args.html:
             _write_html(args.html, result, options)
