@@ -2,7 +2,9 @@
 
     .venv/bin/python -m benchmarks.bench_shard [--data ../shared/data/ucm-captions] [--workers 2] [--repeat 3]
 
-Throughput: both read the same (page-cached) image files and write to the same scratch folder. `tar` only
+Throughput: both read the same image files and write to the same scratch folder, first with the files in the
+page cache (warm: what costs CPU), then with the dataset evicted from the page cache before every command
+(cold: what a first pass over an archive on local disk costs; `posix_fadvise(DONTNEED)`, no privileges). `tar` only
 copies bytes; `ssjdn shard` also reads the dataset description, validates every image, writes json/txt/cls
 members, hashes every byte and commits each shard by rename. Both validation levels are measured in the same
 run: `structure` (the default: header + the file is complete, no pixel decoding) and `full` (decode every
@@ -40,6 +42,19 @@ def _image_files(data: Path) -> list[Path]:
 
 def _warm(files: list[Path]) -> int:
     return sum(len(p.read_bytes()) for p in files)
+
+
+def _evict(data: Path) -> None:
+    """Drop every file of the dataset (images and description) from the page cache, so the next command reads
+    them from the disk: `posix_fadvise(DONTNEED)` needs no privileges and leaves other files cached."""
+    for path in data.resolve().rglob("*"):
+        path = path.resolve()  # the repeated dataset's symlinks: evict their targets
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 class Clock:
@@ -170,25 +185,32 @@ def peak_tree_rss(cmd: list[str], log: Path) -> tuple[int, int, int, float]:
     return peak_tree, peak_parent, peak_child, time.perf_counter() - t0
 
 
-def compare_with_tar(data: Path, scratch: Path, workers: int, repeat: int, label: str) -> int:
+def compare_with_tar(data: Path, scratch: Path, workers: int, repeat: int, label: str, cold: bool = False) -> int:
     """Throughput of `tar -cf` and of sharding (both validation levels) on `data`, printed side by side;
-    returns the number of images."""
+    returns the number of images. `cold`: every command starts with the dataset evicted from the page cache."""
     files = _image_files(data)
     nbytes = _warm(files)
     n = len(files)
     levels = ("structure", "full")
     runs: dict[str, list[Clock]] = {k: [] for k in ("tar", "plan", *levels)}
     procs: dict[str, list[int]] = {level: [] for level in levels}
+    settle = _evict if cold else (lambda data: None)
     for _ in range(repeat):  # interleaved: a burst of load elsewhere hits every command alike
+        settle(data)
         runs["tar"].append(time_tar(files, scratch))
         for level in levels:
+            settle(data)
             clock, manifest, started = time_shard(data, scratch, workers, level)
             assert manifest["totals"]["samples"] == n and manifest["options"]["validate"] == level
             runs[level].append(clock)
             procs[level].append(started)
+        settle(data)
         runs["plan"].append(time_plan(data, scratch))
+    if cold:
+        label += ", cold page cache"
     best = {k: min(c.wall for c in v) for k, v in runs.items()}
     cpu = {k: min(c.cpu for c in v) for k, v in runs.items()}
+    _warm(files)
     floors = {level: time_validation_only(files, level) for level in levels}
     best.update({f"floor-{lv}": c.wall for lv, c in floors.items()})
     cpu.update({f"floor-{lv}": c.cpu for lv, c in floors.items()})
@@ -225,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=int, default=10, help="memory run: this many times the dataset")
     ap.add_argument("--scratch", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-cold", action="store_true", help="skip the comparison from a cold page cache")
     ap.add_argument("--tiles", type=int, default=100, help="also compare on this many large generated tiles (0: skip)")
     ap.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels (uncompressed RGB TIFF)")
     args = ap.parse_args(argv)
@@ -234,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="bench-shard-", dir=args.scratch))
     try:
         n = compare_with_tar(args.data, scratch, args.workers, args.repeat, args.data.name)
+        if not args.skip_cold:
+            compare_with_tar(args.data, scratch, args.workers, args.repeat, args.data.name, cold=True)
         if args.tiles:
             from ssjdn.data.synthetic import generate_synthetic
 

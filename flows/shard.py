@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
@@ -41,7 +42,7 @@ def plan_task(dataset: str, dest: str, overwrite: bool, **kwargs: Any) -> shardi
       retry_delay_seconds=exponential_backoff(GROUP_RETRY_BACKOFF_S), retry_condition_fn=retry_on_storage_error)  # fmt: skip
 def write_group_task(plan: sharding.ShardPlan, jobs: list[sharding.ShardJob], label: str) -> list[sharding.ShardResult]:
     logger = get_run_logger()
-    logger.info("%s: writing %d shard(s), %d samples", label, len(jobs), sum(len(j.samples) for j in jobs))
+    logger.info("%s: writing %d shard(s), %d samples", label, len(jobs), sum(j.count for j in jobs))
     results = sharding.write_shards(plan, jobs, workers=1, progress=False)
     for r in results:
         logger.info(
@@ -113,8 +114,12 @@ def shard_dataset_flow(
         write_group.submit(plan, jobs, f"group {n}/{len(groups)} ({jobs[0].name}..{jobs[-1].name})")
         for n, jobs in enumerate(groups, 1)
     ]
-    results = [f.result() for f in futures]
-    manifest = commit_task(plan, results)
+    try:
+        results = [f.result() for f in futures]
+        manifest = commit_task(plan, results)
+    finally:
+        wait(futures)  # no group task still reads the local plan file when it is removed (a re-run plans again)
+        plan.close()
     return {
         "manifest": f"{dest.rstrip('/')}/{sharding.MANIFEST}",
         "samples": manifest["totals"]["samples"],

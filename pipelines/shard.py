@@ -41,7 +41,6 @@ from pipelines.shard_plan import (
     TAR_OWNER,
     TMP,
     DestinationConflictError,
-    Planned,
     ShardError,
     ShardJob,
     ShardOptions,
@@ -75,7 +74,7 @@ from pipelines.storage import (
 __all__ = [  # the public API: one import path for callers, whatever module a name lives in
     "FORMAT", "MANIFEST", "QUARANTINE", "STATS", "SPLIT_ORDER", "TAR_MTIME", "TAR_OWNER", "TAR_MODE",
     "DestinationConflictError", "ShardError", "TooManyBadSamplesError",
-    "ShardOptions", "ShardPlan", "ShardJob", "ShardResult", "ShardRunResult", "WriteContext", "Planned", "TarStream",
+    "ShardOptions", "ShardPlan", "ShardJob", "ShardResult", "ShardRunResult", "WriteContext", "TarStream",
     "plan_shards", "prepare_destination", "write_shard", "write_shards", "write_quarantine_report", "finalize",
     "build_manifest", "shard_dataset",
 ]  # fmt: skip
@@ -213,7 +212,7 @@ def write_shards(
     already exceed `max_bad_fraction` of the whole plan.
     """
     jobs = list(plan.jobs if jobs is None else jobs)
-    bar = _Progress(sum(len(j.samples) for j in jobs), progress, f"shard {plan.dataset_name}")
+    bar = _Progress(sum(j.count for j in jobs), progress, f"shard {plan.dataset_name}")
     allowed_bad = plan.ctx.options.max_bad_fraction * plan.total_samples
     bad_so_far = len(plan.bad)
     results: dict[tuple[str, int], ShardResult] = {}
@@ -309,7 +308,7 @@ def _run_pool(jobs: list[ShardJob], plan: ShardPlan, workers: int, bar: _Progres
             elapsed = time.monotonic() - t0
             if not done_here[0] or elapsed < 0.25:  # no steady rate yet
                 return
-            if sum(len(j.samples) for j in todo) * elapsed / done_here[0] <= MIN_WORK_FOR_WORKERS_S:
+            if sum(j.count for j in todo) * elapsed / done_here[0] <= MIN_WORK_FOR_WORKERS_S:
                 return
         # spawn, not fork: the parent may already hold s3fs's event-loop thread and open connections.
         mpctx = mp.get_context("spawn")
@@ -438,11 +437,8 @@ def build_manifest(plan: ShardPlan, results: list[ShardResult], bad: list[dict[s
         if b.get("split") in splits:
             splits[b["split"]]["bad"] += 1
     class_counts: Counter[str] = Counter()
-    for job in plan.jobs:
-        bad_keys = {b["key"] for r in results if (r.split, r.index) == (job.split, job.index) for b in r.bad}
-        class_counts.update(
-            p.sample.class_name for p in job.samples if p.sample.class_name and p.sample.key not in bad_keys
-        )
+    for r in results:
+        class_counts.update(r.classes)
     return {
         "format": FORMAT,
         "dataset": {
@@ -522,14 +518,17 @@ def shard_dataset(
         dataset, dest_url, format=format, images=images, name=name, options=options,
         storage_options=storage_options, retries=retries, retry_backoff=retry_backoff,
     )  # fmt: skip
-    where = describe_endpoint(dest_url, storage_options)
-    log.info(
-        "sharding %s (%d samples, %.1f MB, %d quarantined before reading) into %d shard(s) at %s",
-        plan.dataset_name, plan.total_samples, plan.input_bytes / 1e6, len(plan.bad), len(plan.jobs), where,
-    )  # fmt: skip
-    prepare_destination(plan, overwrite=overwrite)
-    results = write_shards(plan, workers=workers, progress=progress)
-    manifest = finalize(plan, results)
+    try:
+        where = describe_endpoint(dest_url, storage_options)
+        log.info(
+            "sharding %s (%d samples, %.1f MB, %d quarantined before reading) into %d shard(s) at %s",
+            plan.dataset_name, plan.total_samples, plan.input_bytes / 1e6, len(plan.bad), len(plan.jobs), where,
+        )  # fmt: skip
+        prepare_destination(plan, overwrite=overwrite)
+        results = write_shards(plan, workers=workers, progress=progress)
+        manifest = finalize(plan, results)
+    finally:
+        plan.close()
     skipped = sum(r.skipped for r in results)
     fs, root = get_fs(dest_url, storage_options)
     manifest_url = full_url(fs, safe_join(root, MANIFEST))

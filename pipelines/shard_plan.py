@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import posixpath
 import re
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from pipelines.storage import (
     get_fs,
     with_retries,
 )
+from ssjdn.data.record import Sample
 
 FORMAT = "ssjdn-webdataset-shards/1"
 MANIFEST = "_manifest.json"
@@ -96,26 +101,43 @@ class ShardOptions:
         return d
 
 
-class Planned(NamedTuple):
-    """A sample and what its source looked like at planning time (size decides packing; both go in the digest).
+class PlanFile:
+    """The local file a plan's jobs read their samples from. Its scratch folder is removed by `remove()`, or once
+    the plan and every job that uses it are freed. A pickled copy (a job sent to a worker process) only refers
+    to the file: it never removes it."""
 
-    The `Sample` objects are the reader's own (not copies): the plan adds a few bytes per sample, no more.
-    """
+    def __init__(self, path: str, *, owner: bool = True) -> None:
+        self.path = path
+        self._remove = weakref.finalize(self, shutil.rmtree, os.path.dirname(path), True) if owner else None
 
-    sample: Any  # ssjdn.data.record.Sample
-    size: int
-    mtime: float | str | None
+    def remove(self) -> None:
+        if self._remove is not None:
+            self._remove()
+
+    def __reduce__(self):
+        return _plan_file_reference, (self.path,)
+
+    def __repr__(self) -> str:
+        return f"PlanFile({self.path!r})"
+
+
+def _plan_file_reference(path: str) -> PlanFile:
+    return PlanFile(path, owner=False)
 
 
 @dataclass
 class ShardJob:
-    """One shard: where it goes and which samples (metadata + source) it holds, in order. Picklable."""
+    """One shard: where it goes and which samples it holds - a byte range of the plan file, one JSON line per
+    sample (`[metadata, source size, source mtime]`, in shard order). Picklable and small at any shard size."""
 
     split: str
     index: int
     path: str  # relative to DEST, e.g. "train/shard-000000.tar"
-    samples: list[Planned]
-    digest: str = ""  # sha256 of the options + samples: identifies this shard's intended content
+    plan_file: PlanFile  # written by `plan_shards`
+    offset: int
+    length: int
+    count: int
+    digest: str = ""  # sha256 of the options + this shard's plan lines: identifies its intended content
 
     @property
     def name(self) -> str:
@@ -124,6 +146,16 @@ class ShardJob:
     @property
     def stats_path(self) -> str:
         return f"{STATS}/{self.path.removesuffix('.tar')}.json"
+
+    def planned(self) -> list[tuple[dict[str, Any], int, float | str | None]]:
+        """(sample metadata, source size, source mtime) per sample, in shard order."""
+        with open(self.plan_file.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.length)
+        return [tuple(json.loads(line)) for line in data.splitlines()]
+
+    def keys(self) -> list[str]:
+        return [meta["key"] for meta, _, _ in self.planned()]
 
 
 @dataclass
@@ -142,6 +174,7 @@ class ShardResult:
     last_key: str | None
     input_bytes: int
     bad: list[dict[str, Any]] = field(default_factory=list)
+    classes: dict[str, int] = field(default_factory=dict)  # samples written per class name
     skipped: bool = False
 
     def entry(self) -> dict[str, Any]:
@@ -161,7 +194,7 @@ class ShardResult:
         }
 
     def record(self) -> dict[str, Any]:
-        return {**self.entry(), "input_bytes": self.input_bytes, "bad_samples": self.bad}
+        return {**self.entry(), "input_bytes": self.input_bytes, "bad_samples": self.bad, "classes": self.classes}
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> ShardResult:
@@ -193,6 +226,12 @@ class ShardPlan:
     captions_dropped: int
     total_samples: int  # every sample the dataset lists in the selected splits, bad ones included
     input_bytes: int
+    plan_file: PlanFile | None = None
+
+    def close(self) -> None:
+        """Remove the plan's scratch files now (its jobs cannot be written afterwards)."""
+        if self.plan_file is not None:
+            self.plan_file.remove()
 
     @property
     def dest_url(self) -> str:
@@ -214,92 +253,120 @@ class ShardPlan:
 
 def _sha256_json(obj: Any) -> str:
     """Digest of canonical compact JSON (no indent: keeps json's C encoder, ~10x faster on large plans)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(_canonical(obj)).hexdigest()
 
 
-def _digest_row(p: Planned) -> list[Any]:
-    """Everything about a planned sample that ends up in its shard: every Sample field but the image bytes
-    (their hash instead), plus the source's size and mtime."""
-    s = p.sample
-    fields = [getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "image"]
-    return [fields, p.size, p.mtime, _sha_or_none(s.image)]
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
 
 
-def _natural(key: str) -> tuple:
-    """`ucm__2` before `ucm__10`: digits compare as numbers (parts alternate str, int, str, ...)."""
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", key)))
+def natural_order(key: str) -> bytes:
+    """Bytes that sort like the key with its digit runs compared as numbers (`ucm__2` before `ucm__10`).
 
-
-def _order(planned: list[Planned], seed: int | None) -> list[Planned]:
-    """Natural key order, or a seeded shuffle that is a pure function of (seed, key): no RNG state involved,
-    so it is the same on every Python version and does not depend on the reader's listing order."""
-    if seed is None:
-        return sorted(planned, key=lambda p: _natural(p.sample.key))
-    return sorted(planned, key=lambda p: hashlib.sha256(f"{seed}\0{p.sample.key}".encode()).digest())
-
-
-def _estimate_bytes(p: Planned) -> int:
-    """Tar bytes a sample will take: headers + padded members. The json member is over-estimated from the
-    variable-length fields plus a fixed allowance for the rest (keys, numbers, size and format fields)."""
-
-    def padded(n: int) -> int:
-        return TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK
-
-    s = p.sample
-    text = [*s.captions, s.key, s.source, s.filename or "", s.class_name or "", s.crs or ""]
-    json_len = 600 + sum(len(t.encode()) * 2 for t in text) + (len(json.dumps(s.extra)) if s.extra else 0)
-    size = padded(p.size) + padded(json_len) + padded(len((s.captions or [""])[0].encode()))
-    return size + (padded(8) if s.class_index is not None else 0)
-
-
-def _pack(samples: list[Planned], maxcount: int, maxsize: int) -> list[list[Planned]]:
-    """Cut an ordered sample list into shards of at most `maxcount` samples and `maxsize` bytes (estimated from
-    the source sizes: exact unless images are re-encoded; a single larger sample gets a shard of its own)."""
-    trailer = TAR_RECORD  # end-of-archive blocks + padding to a whole record
-    shards: list[list[Planned]] = []
-    cur: list[Planned] = []
-    cur_size = trailer
-    for s in samples:
-        est = _estimate_bytes(s)
-        if cur and (len(cur) >= maxcount or cur_size + est > maxsize):
-            shards.append(cur)
-            cur, cur_size = [], trailer
-        cur.append(s)
-        cur_size += est
-    if cur:
-        shards.append(cur)
-    return shards
-
-
-def _stat_sources(samples: list[Any], storage_options: dict[str, Any]) -> dict[str, tuple[int, float | None]]:
-    """source -> (size, mtime) for the images that exist; one listing per folder for remote sources."""
-    out: dict[str, tuple[int, float | None]] = {}
-    remote: dict[str, list[str]] = {}
-    for s in samples:
-        if s.image is not None:
-            out[s.source] = (len(s.image), None)
-        elif "://" in s.source and not s.source.startswith("file://"):
-            remote.setdefault(posixpath.dirname(s.source), []).append(s.source)
+    Text runs end with a NUL (keys never hold one), numbers are their digit count then their digits."""
+    out = []
+    for i, part in enumerate(_DIGITS.split(key)):
+        if i % 2:
+            digits = part.lstrip("0") or "0"
+            out.append(len(digits).to_bytes(4, "big") + digits.encode("ascii"))
         else:
-            path = s.source.removeprefix("file://")
+            out.append(part.encode("utf-8") + b"\0")
+    return b"".join(out)
+
+
+def shuffled_order(seed: int):
+    """A seeded shuffle that is a pure function of (seed, key): no RNG state involved, so it is the same on every
+    Python version and does not depend on the reader's listing order."""
+    return lambda key: hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _padded(n: int) -> int:
+    return TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK
+
+
+class SourceStat:
+    """(size, mtime) of image sources, or None when missing: `os.stat` for local files, one listing per folder
+    for remote ones (cached for the run)."""
+
+    def __init__(self, storage_options: dict[str, Any]) -> None:
+        self.storage_options = storage_options
+        self._listings: dict[str, tuple[Any, dict[str, Any]]] = {}
+
+    def __call__(self, source: str) -> tuple[int, float | str | None] | None:
+        if "://" not in source or source.startswith("file://"):
             try:
-                st = os.stat(path)
+                st = os.stat(source.removeprefix("file://"))
             except OSError:
-                continue
-            out[s.source] = (st.st_size, st.st_mtime_ns / 1e9)
-    for folder, sources in remote.items():
-        fs, root = get_fs(folder, storage_options)
-        listing = {
-            e["name"].rstrip("/"): e
-            for e in with_retries(lambda fs=fs, root=root: fs.ls(root, detail=True), what=f"list {folder}")
-        }
-        for src in sources:
-            e = listing.get(fs._strip_protocol(src))
-            if e is not None and e.get("type") != "directory":
-                mtime = e.get("mtime") or e.get("LastModified") or e.get("last_modified")
-                out[src] = (int(e["size"]), str(mtime) if mtime is not None else None)
-    return out
+                return None
+            return st.st_size, st.st_mtime_ns / 1e9
+        folder = posixpath.dirname(source)
+        if folder not in self._listings:
+            fs, root = get_fs(folder, self.storage_options)
+            entries = with_retries(lambda: fs.ls(root, detail=True), what=f"list {folder}")
+            self._listings[folder] = (fs, {e["name"].rstrip("/"): e for e in entries})
+        fs, listing = self._listings[folder]
+        e = listing.get(fs._strip_protocol(source))
+        if e is None or e.get("type") == "directory":
+            return None
+        mtime = e.get("mtime") or e.get("LastModified") or e.get("last_modified")
+        return int(e["size"]), str(mtime) if mtime is not None else None
+
+
+class _PlanWriter:
+    """Writes planned samples to the plan file in shard order and cuts them into shards of at most `maxcount`
+    samples and `maxsize` bytes (estimated from the source sizes: a single larger sample gets a shard of its own)."""
+
+    def __init__(self, plan_file: PlanFile, options: ShardOptions) -> None:
+        self.plan_file = plan_file
+        self.file = open(plan_file.path, "wb")  # noqa: SIM115 - closed by finish()
+        self.options = options
+        self.options_json = _canonical(options.output_options())
+        self.jobs: list[ShardJob] = []
+        self.offset = 0
+        self.input_bytes = 0
+        self._split: str | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self.count, self.size, self.start = 0, TAR_RECORD, self.offset  # TAR_RECORD: end blocks + padding
+        self.digest = hashlib.sha256(self.options_json + b"\n")
+
+    def _cut(self) -> None:
+        if self.count:
+            same_split = self.jobs and self.jobs[-1].split == self._split
+            index = self.jobs[-1].index + 1 if same_split else 0
+            self.jobs.append(ShardJob(
+                self._split, index, f"{self._split}/{SHARD_NAME.format(index)}", self.plan_file, self.start,
+                self.offset - self.start, self.count, self.digest.hexdigest(),
+            ))  # fmt: skip
+        self._start()
+
+    def add(self, meta: dict[str, Any], size: int, mtime: float | str | None) -> None:
+        line = json.dumps([meta, size, mtime], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        line = line.encode("utf-8") + b"\n"
+        # Tar bytes of the sample: headers + padded members; the json member is over-estimated by an allowance
+        # for the image fields the writer adds. Exact for the image unless it is resized or re-encoded.
+        est = _padded(size) + _padded(len(line) + 600) + _padded(len(meta["captions"][0].encode()))
+        est += _padded(8) if meta["class_index"] is not None else 0
+        if meta["split"] != self._split:
+            self._cut()
+            self._split = meta["split"]
+        elif self.count >= self.options.maxcount or self.size + est > self.options.maxsize:
+            self._cut()
+        self.file.write(line)
+        self.digest.update(line)
+        self.offset += len(line)
+        self.count += 1
+        self.size += est
+        self.input_bytes += size
+
+    def finish(self) -> list[ShardJob]:
+        self._cut()
+        self.file.close()
+        return self.jobs
 
 
 def bad_entry(sample_meta: dict[str, Any], reason: str, stage: str, shard: str | None = None) -> dict[str, Any]:
@@ -314,6 +381,14 @@ def bad_entry(sample_meta: dict[str, Any], reason: str, stage: str, shard: str |
     }
 
 
+def sample_meta(sample: Any) -> dict[str, Any]:
+    """A `Sample`'s fields but the image bytes, as they go into the plan and the json member (shallow: fast)."""
+    return {f: getattr(sample, f) for f in _META_FIELDS}
+
+
+_META_FIELDS = tuple(f.name for f in dataclasses.fields(Sample) if f.name != "image")
+
+
 def plan_shards(
     dataset: str | os.PathLike,
     dest_url: str,
@@ -326,66 +401,75 @@ def plan_shards(
     retries: int = 3,
     retry_backoff: float = 1.0,
 ) -> ShardPlan:
-    """Read the dataset's metadata and decide which sample goes to which shard. Writes nothing."""
-    from ssjdn.data.readers import load_dataset
+    """Read the dataset's metadata and decide which sample goes to which shard. Writes nothing at `dest_url`.
+
+    Memory stays bounded at any dataset size: records are checked into an SQLite file and come back sorted
+    from it; the plan itself is a local file (one JSON line per sample, in shard order) that each job indexes
+    by byte range. Both live in a scratch folder under the temp dir (`TMPDIR`) until the plan is closed.
+    """
+    from ssjdn.data.readers import SampleIndex, open_dataset
 
     options = options or ShardOptions()
-    ds = load_dataset(dataset, format=format, images=images, name=name)
-    wanted = set(options.splits or SPLIT_ORDER)
-    samples = [s for s in ds.samples if s.split in wanted]
-    if not samples:
-        have = ", ".join(sorted({s.split for s in ds.samples})) or "none"
+    source = open_dataset(dataset, format=format, images=images, name=name)
+    plan_file = PlanFile(os.path.join(tempfile.mkdtemp(prefix="ssjdn-shard-plan-"), "plan.jsonl"))
+    records = os.path.join(os.path.dirname(plan_file.path), "records.sqlite")
+    try:
+        index = SampleIndex(source, path=records)
+        try:
+            return _plan(index, dataset, dest_url, options, storage_options or {}, retries, retry_backoff, plan_file)
+        finally:
+            index.close()
+            os.remove(records)
+    except BaseException:
+        plan_file.remove()
+        raise
+
+
+def _plan(index, dataset, dest_url, options, storage_options, retries, retry_backoff, plan_file) -> ShardPlan:
+    wanted = tuple(s for s in SPLIT_ORDER if s in set(options.splits or SPLIT_ORDER))
+    counts = index.split_counts()
+    total = sum(counts.get(s, 0) for s in wanted)
+    if not total:
+        have = ", ".join(sorted(counts)) or "none"
         raise ShardError(f"{dataset}: no samples in split(s) {', '.join(sorted(wanted))} (dataset has: {have})")
 
+    stat = SourceStat(storage_options)
+    order = natural_order if options.shuffle_seed is None else shuffled_order(options.shuffle_seed)
+    writer = _PlanWriter(plan_file, options)
     bad: list[dict[str, Any]] = []
-    for rec in ds.quarantine:
-        if rec.sample is not None and rec.sample.split in wanted:
-            bad.append(bad_entry(rec.sample.metadata(), rec.message, "reader"))
-    captions_dropped = sum(r.captions_dropped for r in ds.quarantine if r.sample is None and r.split in wanted)
-
-    storage_options = storage_options or {}
-    stats = _stat_sources(samples, storage_options)
-    by_split: dict[str, list[Planned]] = {}
-    for s in samples:
-        if s.source not in stats:
-            bad.append(bad_entry(s.metadata(), f"image file not found: {s.source}", "plan"))
+    captions_dropped = 0
+    for sample, rejected in index.samples(wanted, order):
+        if rejected is not None:
+            if rejected.sample is not None:  # dropped as a whole (no usable caption)
+                bad.append(bad_entry(sample_meta(sample), rejected.message, "reader"))
+                continue
+            captions_dropped += rejected.captions_dropped
+        found = stat(sample.source)
+        if found is None:
+            bad.append(bad_entry(sample_meta(sample), f"image file not found: {sample.source}", "plan"))
             continue
-        by_split.setdefault(s.split, []).append(Planned(s, *stats[s.source]))
+        writer.add(sample_meta(sample), *found)
+    jobs = writer.finish()
 
-    ctx = WriteContext(dest_url, storage_options, options, retries, retry_backoff)
-    output_options = options.output_options()
-    jobs: list[ShardJob] = []
-    for split in SPLIT_ORDER:
-        ordered = _order(by_split.get(split, []), options.shuffle_seed)
-        for i, members in enumerate(_pack(ordered, options.maxcount, options.maxsize)):
-            job = ShardJob(split, i, f"{split}/{SHARD_NAME.format(i)}", members)
-            job.digest = _sha256_json(
-                {
-                    "options": output_options,
-                    "samples": [_digest_row(p) for p in members],
-                }
-            )
-            jobs.append(job)
-
-    # What the dataset lists, good or bad: fixing a bad sample and re-running is the same dataset.
-    dropped = [r.sample for r in ds.quarantine if r.sample is not None and r.sample.split in wanted]
-    identity = sorted((s.split, s.key, s.filename or s.source) for s in [*samples, *dropped])
+    # What the dataset lists, good or bad: fixing a bad sample and re-running is the same dataset. Hashed as the
+    # canonical JSON of {"name", "samples": sorted [split, key, file name]}, streamed.
+    identity = hashlib.sha256(b'{"name":' + _canonical(index.name) + b',"samples":[')
+    rows, first = index.identity(wanted), True
+    while chunk := list(itertools.islice(rows, 10_000)):  # one JSON encoding per chunk, not per row
+        identity.update((b"" if first else b",") + _canonical(chunk)[1:-1])
+        first = False
+    identity.update(b"]}")
     return ShardPlan(
-        dataset_name=ds.name,
-        dataset_format=ds.format,
+        dataset_name=index.name,
+        dataset_format=index.source.format,
         dataset_path=os.path.abspath(dataset),
-        dataset_fingerprint=_sha256_json({"name": ds.name, "samples": identity}),
-        classes=list(ds.classes),
-        ctx=ctx,
+        dataset_fingerprint=identity.hexdigest(),
+        classes=list(index.classes),
+        ctx=WriteContext(dest_url, storage_options, options, retries, retry_backoff),
         jobs=jobs,
         bad=bad,
         captions_dropped=captions_dropped,
-        total_samples=len(samples) + len(dropped),
-        input_bytes=sum(p.size for j in jobs for p in j.samples),
+        total_samples=total,
+        input_bytes=writer.input_bytes,
+        plan_file=plan_file,
     )
-
-
-def _sha_or_none(data: bytes | None) -> str | None:
-    return None if data is None else hashlib.sha256(data).hexdigest()
-
-

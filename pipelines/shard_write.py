@@ -8,7 +8,6 @@ one decode with `validate="full"`), one json dump, and one write plus one hash u
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -16,7 +15,9 @@ import os
 import posixpath
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipelines.shard_plan import (
@@ -102,24 +103,11 @@ def _encode_image(data: bytes, info: Any, name: str, options: ShardOptions) -> t
     return buf.getvalue(), target, fields
 
 
-_META_FIELDS: dict[type, tuple[str, ...]] = {}
-
-
-def _meta_fields(cls: type) -> tuple[str, ...]:
-    """The `Sample` fields that go into the json member (all but the image bytes), looked up once per class."""
-    names = _META_FIELDS.get(cls)
-    if names is None:
-        names = _META_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls) if f.name != "image")
-    return names
-
-
-def _sample_members(sample, options: ShardOptions, dataset: str) -> tuple[dict[str, bytes], int]:
-    """The tar members of one `Sample` (reads and validates its image); raises for a bad sample."""
+def _sample_members(meta: dict[str, Any], options: ShardOptions, dataset: str) -> tuple[dict[str, bytes], int]:
+    """The tar members of one planned sample (reads and validates its image); raises for a bad sample."""
     from ssjdn.data.images import check_image, read_image_bytes
 
-    # Sample.metadata() without its deep copy (dataclasses.asdict): a third of the per-sample Python overhead.
-    meta = {f: getattr(sample, f) for f in _meta_fields(type(sample))}
-    data = sample.image if sample.image is not None else read_image_bytes(sample.source)
+    data = read_image_bytes(meta["source"])
     name = meta.get("filename") or meta["source"]
     # One open of the file: format, size, mode, plus the structural check or the full decode; or ImageDecodeError.
     info = check_image(data, name, level=options.validate)
@@ -134,6 +122,76 @@ def _sample_members(sample, options: ShardOptions, dataset: str) -> tuple[dict[s
     if meta.get("class_index") is not None:
         members["cls"] = str(meta["class_index"]).encode("ascii")
     return members, len(data)
+
+
+# Where it pays, samples are read, validated and encoded by a few threads ahead of the tar writer, a batch per
+# task, in order: remote reads wait on the network and Pillow decodes without the GIL, so remote sources,
+# `--validate full` and resizing keep several requests and cores busy. Local files checked for structure are
+# read in the writer's own thread: threads were measured slower there, warm (GIL hand-overs on Python-bound
+# work) and cold alike (bench_shard). Memory: at most READ_AHEAD_BATCHES batches (READ_AHEAD_BYTES of source
+# images) are in flight per writer.
+READ_AHEAD_THREADS = 4
+READ_AHEAD_BATCHES = 2 * READ_AHEAD_THREADS
+BATCH_SAMPLES = 16
+BATCH_BYTES = 8 << 20
+READ_AHEAD_BYTES = 64 << 20
+
+
+def _worth_threads(planned: list, options: ShardOptions) -> bool:
+    if options.validate == "full" or options.resize or options.reencode:
+        return True
+    return any("://" in meta["source"] and not meta["source"].startswith("file://") for meta, _, _ in planned)
+
+
+def _batches(planned: list) -> Iterator[tuple[list, int]]:
+    batch, nbytes = [], 0
+    for meta, size, _ in planned:
+        if batch and (len(batch) >= BATCH_SAMPLES or nbytes + size > BATCH_BYTES):
+            yield batch, nbytes
+            batch, nbytes = [], 0
+        batch.append(meta)
+        nbytes += size
+    if batch:
+        yield batch, nbytes
+
+
+def _prepared(planned: list, options: ShardOptions, dataset: str) -> Iterator[tuple[dict, Any]]:
+    """(metadata, (members, image bytes) or the exception that made it a bad sample) per planned sample, in order."""
+
+    def prepare(batch: list[dict[str, Any]]) -> list[Any]:
+        out = []
+        for meta in batch:
+            try:
+                out.append(_sample_members(meta, options, dataset))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    if not _worth_threads(planned, options):
+        for meta, _, _ in planned:
+            yield meta, prepare([meta])[0]
+        return
+
+    with ThreadPoolExecutor(READ_AHEAD_THREADS, thread_name_prefix="shard-read") as pool:
+        pending: deque = deque()
+        in_flight = 0
+        batches = _batches(planned)
+        try:
+            while True:
+                while not pending or (len(pending) < READ_AHEAD_BATCHES and in_flight < READ_AHEAD_BYTES):
+                    nxt = next(batches, None)
+                    if nxt is None:
+                        break
+                    pending.append((nxt, pool.submit(prepare, nxt[0])))
+                    in_flight += nxt[1]
+                if not pending:
+                    return
+                (batch, nbytes), fut = pending.popleft()
+                in_flight -= nbytes
+                yield from zip(batch, fut.result())
+        finally:
+            for _, fut in pending:
+                fut.cancel()
 
 
 def _is_bad_sample_error(exc: BaseException) -> bool:
@@ -152,7 +210,6 @@ class TarStream:
     """
 
     RECORD = TAR_RECORD
-    JOIN_LIMIT = 1 << 20  # samples up to this size are joined into one write; larger members go through as they are
 
     def __init__(self, out) -> None:
         self.out = out
@@ -168,8 +225,10 @@ class TarStream:
         template[265 : 265 + len(owner)] = owner
         template[297 : 297 + len(owner)] = owner
         template[329:345] = b"0000000\x000000000\x00"  # devmajor, devminor
-        self.template = bytes(template)
-        self.template_sum = sum(template)  # name and size fields are still zero here
+        # A header is name | mode uid gid | size | mtime | checksum | the rest: only name, size and checksum vary.
+        self._mode_ids, self._mtime, self._rest = bytes(template[100:124]), bytes(template[136:148]), bytes(template[156:])
+        self._sum = sum(template)  # name and size fields are still zero here
+        self._zeros = [bytes(n) for n in range(TAR_BLOCK)]
 
     def _header(self, name: str, size: int) -> bytes:
         raw = name.encode("utf-8")
@@ -180,46 +239,33 @@ class TarStream:
             ti.size, ti.mtime, ti.mode = size, TAR_MTIME, TAR_MODE
             ti.uname = ti.gname = TAR_OWNER
             return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
-        h = bytearray(self.template)
-        h[0 : len(raw)] = raw
         size_field = b"%011o\x00" % size
-        h[124:136] = size_field
         # The checksum is the byte sum of the header: the template's plus what was filled in (no 512-byte sum).
-        h[148:156] = b"%06o\x00 " % (self.template_sum + sum(raw) + sum(size_field))
-        return bytes(h)
-
-    def _write(self, data) -> None:
-        self.out.write(data)
-        self.written += len(data)
-
-    def _member(self, name: str, data: bytes) -> list[bytes]:
-        parts = [self._header(name, len(data)), data]
-        if len(data) % TAR_BLOCK:
-            parts.append(bytes(TAR_BLOCK - len(data) % TAR_BLOCK))
-        return parts
-
-    def _write_parts(self, parts: list[bytes]) -> None:
-        """One write (and so one hash update) for a small sample; large members are not copied into a buffer."""
-        if sum(map(len, parts)) <= self.JOIN_LIMIT:
-            self._write(b"".join(parts))
-        else:
-            for part in parts:
-                self._write(part)
+        checksum = b"%06o\x00 " % (self._sum + sum(raw) + sum(size_field))
+        return b"".join((raw, self._zeros[100 - len(raw)], self._mode_ids, size_field, self._mtime, checksum, self._rest))
 
     def add(self, name: str, data: bytes) -> None:
-        self._write_parts(self._member(name, data))
+        """Append one member. The parts go to `out` as they are (no copy): `out` batches small writes."""
+        write, header = self.out.write, self._header(name, len(data))
+        write(header)
+        write(data)
+        self.written += len(header) + len(data)
+        if len(data) % TAR_BLOCK:
+            pad = TAR_BLOCK - len(data) % TAR_BLOCK
+            write(self._zeros[pad])
+            self.written += pad
 
     def write_sample(self, sample: dict[str, bytes]) -> None:
         """`{"__key__": k, ext: bytes, ...}` -> members `k.ext` in sorted extension order (as webdataset)."""
         key = sample["__key__"]
-        parts: list[bytes] = []
         for ext in sorted(k for k in sample if not k.startswith("_")):
-            parts += self._member(f"{key}.{ext}", sample[ext])
-        self._write_parts(parts)
+            self.add(f"{key}.{ext}", sample[ext])
 
     def close(self) -> None:
         end = self.written + 2 * TAR_BLOCK
-        self._write(bytes(2 * TAR_BLOCK + (-end % self.RECORD)))
+        trailer = bytes(2 * TAR_BLOCK + (-end % self.RECORD))
+        self.out.write(trailer)
+        self.written += len(trailer)
 
 
 def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -> ShardResult:
@@ -227,6 +273,7 @@ def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -
     tmp = temp_path(final, safe_join(root, TMP, job.split))
     bad: list[dict[str, Any]] = []
     keys: list[str] = []
+    classes: dict[str, int] = {}
     captions = input_bytes = 0
     report = getattr(_progress, "sink", None) or _no_progress  # looked up once, not per sample
     if is_local(fs):
@@ -236,19 +283,20 @@ def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -
         # Hashing and writing happen in HashingWriter's thread while this one reads and checks the next sample.
         with (open(tmp, "wb") if is_local(fs) else fs.open(tmp, "wb")) as raw, HashingWriter(raw) as out:
             tar = TarStream(out)
-            for planned in job.samples:
-                sample = planned.sample
-                try:
-                    members, n_in = _sample_members(sample, ctx.options, dataset)
-                except Exception as exc:
-                    if not _is_bad_sample_error(exc):
-                        raise
-                    bad.append(bad_entry(sample.metadata(), f"{type(exc).__name__}: {exc}", "image", job.name))
+            for meta, prepared in _prepared(job.planned(), ctx.options, dataset):
+                if isinstance(prepared, BaseException):
+                    if not _is_bad_sample_error(prepared):
+                        raise prepared
+                    reason = f"{type(prepared).__name__}: {prepared}"
+                    bad.append(bad_entry(meta, reason, "image", job.name))
                     report(1, 0)
                     continue
+                members, n_in = prepared
                 tar.write_sample(members)
-                keys.append(sample.key)
-                captions += len(sample.captions)
+                keys.append(meta["key"])
+                captions += len(meta["captions"])
+                if meta["class_name"]:
+                    classes[meta["class_name"]] = classes.get(meta["class_name"], 0) + 1
                 input_bytes += n_in
                 report(1, n_in)
             tar.close()
@@ -269,6 +317,7 @@ def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -
         last_key=keys[-1] if keys else None,
         input_bytes=input_bytes,
         bad=bad,
+        classes=classes,
     )
 
 
@@ -299,7 +348,7 @@ def write_shard(job: ShardJob, ctx: WriteContext, dataset: str) -> ShardResult:
     def attempt() -> ShardResult:
         done = _committed(job, fs, root)
         if done is not None:
-            _report_progress(len(job.samples), 0)
+            _report_progress(job.count, 0)
             return done
         result = _write_once(job, ctx, fs, root, dataset)
         atomic_write_bytes(fs, safe_join(root, job.stats_path), json_bytes(result.record()), safe_join(root, TMP))

@@ -242,25 +242,31 @@ def sha256_of(fs, path: str, block: int = 8 << 20) -> tuple[str, int]:
 class HashingWriter:
     """Write-through wrapper that hashes and counts the bytes on their way to storage (no second read).
 
-    The hashing and the writing run in a background thread - both release the GIL - so the caller prepares
-    the next piece meanwhile (sha256 alone costs about as much as copying cached bytes). Use it as a context
-    manager around the open target: leaving the block waits until every byte is hashed and written, and
-    re-raises the first write error (a failed write is also raised by the next `write`).
+    Small writes are batched (`batch_bytes`) and each batch is hashed and written in a background thread - both
+    release the GIL - so the caller prepares the next piece meanwhile (sha256 alone costs about as much as
+    copying cached bytes) and pays one hand-over per batch, not per write. Written objects must not be changed
+    afterwards. Use it as a context manager around the open target: leaving the block waits until every byte
+    is hashed and written, and re-raises the first write error (a failed write is also raised by a later
+    `write`). At most `max_pending` batches are in flight.
     """
 
-    def __init__(self, raw, max_pending: int = 8) -> None:
+    def __init__(self, raw, max_pending: int = 8, batch_bytes: int = 1 << 20) -> None:
         self.raw = raw
         self.sha = hashlib.sha256()
         self.size = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)  # bounds the bytes in flight
+        self.batch_bytes = batch_bytes
+        self._batch: list = []
+        self._batched = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="hashing-writer", daemon=True)
         self._thread.start()
 
     def _drain(self) -> None:
-        while (data := self._queue.get()) is not None:
+        while (batch := self._queue.get()) is not None:
             if self._error is None:  # after a failure keep taking items, so a blocked `write` wakes up
                 try:
+                    data = batch[0] if len(batch) == 1 else b"".join(batch)
                     self.sha.update(data)
                     self.raw.write(data)
                 except BaseException as exc:
@@ -269,13 +275,22 @@ class HashingWriter:
     def write(self, data) -> int:
         if self._error is not None:
             raise self._error
-        self._queue.put(data)
+        self._batch.append(data)
+        self._batched += len(data)
         self.size += len(data)
+        if self._batched >= self.batch_bytes:
+            self._send()
         return len(data)
 
+    def _send(self) -> None:
+        if self._batch:
+            self._queue.put(self._batch)
+            self._batch, self._batched = [], 0
+
     def close(self) -> None:
-        """Wait until everything queued is hashed and written; raise the first write error."""
+        """Wait until everything written is hashed and written; raise the first write error."""
         if self._thread.is_alive():
+            self._send()
             self._queue.put(None)
             self._thread.join()
         if self._error is not None:

@@ -4,6 +4,7 @@ case from issue 2 (each refused or quarantined with a message naming the file an
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,57 @@ def test_real_precomp_sets(precomp_dir):
     assert len(rsitmd.samples) + len(rsitmd.dropped_samples) == 4743
     sydney = load_dataset(precomp_dir / "sydney_precomp", format="precomp:verify")
     assert sydney.split_counts() == {"train": 397, "val": 100, "test": 58} and sydney.classes == []
+
+
+def test_parquet_rows_of_one_image_merge_across_insert_batches(tmp_path, monkeypatch):
+    """A repeated image whose rows land in different insert batches is merged from the index, like within one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ssjdn.data.readers import index
+
+    pq.write_table(
+        pa.table({"filename": ["a.jpg", "b.jpg", "a.jpg"], "text": ["one", "two", "three"], "class": ["x", "y", "x"]}),
+        tmp_path / "data.parquet",
+    )
+    monkeypatch.setattr(index, "_BATCH", 1)
+    ds = load_dataset(tmp_path, format="table")
+    assert [(s.filename, s.captions) for s in ds.samples] == [("a.jpg", ["one", "three"]), ("b.jpg", ["two"])]
+
+
+@pytest.mark.parametrize("chunk", [16, 1000])
+def test_karpathy_file_is_parsed_in_bounded_pieces(tmp_path, chunk, monkeypatch):
+    """The caption file is decoded one image object at a time from a buffer that stays near the chunk size, with
+    exactly json.loads's result, and its errors name json.loads's line and column."""
+    from ssjdn.data.readers import jsonstream
+
+    images = [img(f"c{i % 3}_{i}.jpg", captions=[f"caption {i} é \"q\"", "  "]) for i in range(400)]
+    doc = {"images": images, "dataset": "late_name"}  # the name comes after the images
+    text = json.dumps(doc, indent=1, ensure_ascii=False)
+    (tmp_path / "dataset.json").write_text(text, encoding="utf-8")
+    largest = max(len(json.dumps(i, indent=1, ensure_ascii=False)) for i in images)
+    peak = [0]
+    fill = jsonstream.JsonStream._fill
+
+    def watched_fill(self, chars=None):
+        more = fill(self, chars)
+        peak[0] = max(peak[0], len(self.buf))
+        return more
+
+    monkeypatch.setattr(jsonstream, "CHUNK_CHARS", chunk)
+    monkeypatch.setattr(jsonstream.JsonStream.__init__, "__defaults__", (chunk,))
+    monkeypatch.setattr(jsonstream.JsonStream, "_fill", watched_fill)
+    fields: dict = {}
+    assert list(jsonstream.stream_object_array(tmp_path / "dataset.json", "images", fields)) == images
+    assert fields == {"dataset": "late_name"} and peak[0] <= 4 * max(chunk, largest) < len(text) / 10
+    ds = load_dataset(tmp_path)
+    assert ds.name == "late_name" and len(ds) == 400 and ds.samples[0].key == "late_name__c0_0"
+
+    for broken in (text[:-3], text.replace('"split": "train"', '"split" "train"', 1), text + " x"):
+        (tmp_path / "dataset.json").write_text(broken, encoding="utf-8")
+        with pytest.raises(json.JSONDecodeError) as ref:
+            json.loads(broken)
+        where = f"line {ref.value.lineno}, column {ref.value.colno}: {ref.value.msg}"
+        with pytest.raises(DatasetFormatError, match=re.escape(f"malformed JSON at {where}")):
+            load_dataset(tmp_path)
+

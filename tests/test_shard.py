@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 import subprocess
 import tarfile
 from collections import Counter
@@ -95,7 +96,7 @@ def test_same_input_and_options_give_identical_shards_whatever_the_worker_count(
     keys = [s["key"] for s in first]
 
     def first_shard_keys(**kw) -> list[str]:
-        return [p.sample.key for p in sharding.plan_shards(ucm_dir, str(tmp_path / "x"), **kw).jobs[0].samples]
+        return sharding.plan_shards(ucm_dir, str(tmp_path / "x"), **kw).jobs[0].keys()
 
     assert first_shard_keys(options=sharding.ShardOptions(maxcount=300, shuffle_seed=7)) == keys
     assert first_shard_keys(options=sharding.ShardOptions(maxcount=300, shuffle_seed=8)) != keys
@@ -308,3 +309,21 @@ def test_cli_sizes_accept_whole_scientific_notation_only(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["shard", "data", "out", "--maxcount", bad])
         assert "--maxcount" in capsys.readouterr().err
+
+
+def test_natural_order_bytes_sort_like_digit_aware_tuples():
+    """The planner sorts keys in SQLite by `natural_order` bytes: the same order as comparing digit runs as
+    numbers (Python tuples), ties (same numbers, other zero padding) broken by the key."""
+    import random
+
+    from pipelines.shard_plan import natural_order
+
+    def as_tuple(key: str) -> tuple:
+        return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", key)))
+
+    rng = random.Random(0)
+    keys = {"ucm__2", "ucm__10", "ucm__1", "a", "a1", "a1b", "a01", "ab", "a_1", "a-1", "a__9", "b10c2", "b10c10", "9"}
+    alphabet = "ab_-0123456789"
+    keys |= {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(3000)}
+    keys = sorted(keys)
+    assert sorted(keys, key=lambda k: (natural_order(k), k)) == sorted(keys, key=lambda k: (as_tuple(k), k))

@@ -3,6 +3,7 @@ decoding) and `full` (decode every image); and the writers (this process + worke
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -168,26 +169,31 @@ def test_worker_processes_and_this_process_write_identical_bytes(synthetic, tmp_
     assert manifest["shards"] == reference.manifest["shards"]
 
 
-def test_tar_bytes_do_not_depend_on_how_members_reach_the_stream(tmp_path, monkeypatch):
-    """Small samples go out as one joined write, large ones member by member: the same tar either way."""
-    big = np.random.default_rng(0).bytes(sharding.TarStream.JOIN_LIMIT + 1000)
+def test_tar_bytes_do_not_depend_on_how_writes_are_batched(tmp_path):
+    """Members reach the file through HashingWriter's batches: the same tar (and hash) whatever the batch size."""
+    from pipelines.storage import HashingWriter
+
+    big = np.random.default_rng(0).bytes(3 << 20)
     samples = [
         {"__key__": "small", "txt": b"caption", "jpg": b"\xff\xd8" + bytes(700), "cls": b"4"},
         {"__key__": "large", "json": b"{}", "tif": big},
+        {"__key__": "x" * 120, "txt": b"a name too long for a plain ustar header"},
     ]
 
-    def write(path: Path) -> bytes:
-        with open(path, "wb") as f:
-            tar = sharding.TarStream(f)
+    def write(path: Path, batch_bytes: int) -> tuple[bytes, str]:
+        with open(path, "wb") as f, HashingWriter(f, batch_bytes=batch_bytes) as out:
+            tar = sharding.TarStream(out)
             for s in samples:
                 tar.write_sample(s)
             tar.close()
-        return path.read_bytes()
+        assert out.size == path.stat().st_size == tar.written
+        return path.read_bytes(), out.hexdigest()
 
-    joined = write(tmp_path / "a.tar")
-    monkeypatch.setattr(sharding.TarStream, "JOIN_LIMIT", 0)  # every member written on its own
-    assert write(tmp_path / "b.tar") == joined
+    batched, sha = write(tmp_path / "a.tar", 1 << 20)
+    assert write(tmp_path / "b.tar", 0) == (batched, sha)  # every write handed over on its own
+    assert hashlib.sha256(batched).hexdigest() == sha and len(batched) % sharding.TarStream.RECORD == 0
     with tarfile.open(tmp_path / "a.tar") as tf:
         names = tf.getnames()
         assert tf.extractfile("large.tif").read() == big and tf.extractfile("small.cls").read() == b"4"
-    assert names == ["small.cls", "small.jpg", "small.txt", "large.json", "large.tif"]
+        assert tf.extractfile("x" * 120 + ".txt").read().startswith(b"a name too long")
+    assert names == ["small.cls", "small.jpg", "small.txt", "large.json", "large.tif", "x" * 120 + ".txt"]

@@ -135,12 +135,13 @@ def test_hashing_writer_hashes_writes_in_order_and_surfaces_write_errors():
     from pipelines.storage import HashingWriter
 
     parts = [bytes([i]) * (i * 1000 + 1) for i in range(40)]
-    sink = io.BytesIO()
-    with HashingWriter(sink, max_pending=2) as out:
-        for p in parts:
-            out.write(p)
-    assert sink.getvalue() == b"".join(parts)
-    assert out.hexdigest() == hashlib.sha256(b"".join(parts)).hexdigest() and out.size == len(sink.getvalue())
+    for batch_bytes in (1 << 20, 5000, 0):  # one batch, a few parts per batch, every part on its own
+        sink = io.BytesIO()
+        with HashingWriter(sink, max_pending=2, batch_bytes=batch_bytes) as out:
+            for p in parts:
+                out.write(p)
+        assert sink.getvalue() == b"".join(parts)
+        assert out.hexdigest() == hashlib.sha256(b"".join(parts)).hexdigest() and out.size == len(sink.getvalue())
 
     class FailingSink(io.BytesIO):
         def write(self, data):
@@ -149,6 +150,6 @@ def test_hashing_writer_hashes_writes_in_order_and_surfaces_write_errors():
             return super().write(data)
 
     with pytest.raises(OSError, match="disk full"):
-        with HashingWriter(FailingSink(), max_pending=2) as out:
+        with HashingWriter(FailingSink(), max_pending=2, batch_bytes=3000) as out:
             for p in parts:  # the error comes back on a later write or when the block ends
                 out.write(p)

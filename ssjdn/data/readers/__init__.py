@@ -1,7 +1,9 @@
 """Dataset readers with format detection: Karpathy JSON, the "precomp" text layout, and generic tables
 (CSV / JSONL / Parquet beside a folder of images). See docs/data-formats.md.
 
-`load_dataset(path)` returns a `Dataset` of `Sample`s (metadata only: no image is opened here).
+`load_dataset(path)` returns a `Dataset` of `Sample`s (metadata only: no image is opened here);
+`SampleIndex(open_dataset(path), path=FILE)` checks the same records into an SQLite file instead, for datasets
+too large to hold in memory (sharding an archive).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from pathlib import Path
 
 from ssjdn.data.errors import DatasetFormatError, NoDatasetDescriptionError
 from ssjdn.data.readers.base import BadRecord, Dataset
-from ssjdn.data.readers.common import LABELS_FILE, build_dataset, default_image_root, read_labels_file
+from ssjdn.data.readers.common import LABELS_FILE, default_image_root, read_labels_file
+from ssjdn.data.readers.index import DatasetSource, SampleIndex
 
 FORMATS = ("karpathy", "precomp", "precomp:verify", "table")
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 
-__all__ = ["FORMATS", "BadRecord", "Dataset", "detect_format", "load_dataset"]
+__all__ = [
+    "FORMATS", "BadRecord", "Dataset", "DatasetSource", "SampleIndex", "detect_format", "load_dataset", "open_dataset",
+]  # fmt: skip
 
 
 def load_dataset(
@@ -26,12 +31,28 @@ def load_dataset(
     images: str | os.PathLike | None = None,
     name: str | None = None,
 ) -> Dataset:
-    """Read a dataset's captions, splits and labels.
+    """Read a dataset's captions, splits and labels into memory.
 
     `path` is a dataset folder or its description file (a Karpathy `.json`, a `.csv` / `.jsonl` / `.parquet`
     table). `format` overrides detection (one of `FORMATS`). `images` is the image folder (default:
     `DATASET/images` if it exists, else `DATASET`). `name` overrides the dataset name used in sample keys.
+    Datasets too large for memory: `SampleIndex(open_dataset(...), path=FILE)` streams them instead.
     """
+    index = SampleIndex(open_dataset(path, format=format, images=images, name=name))
+    try:
+        return index.dataset()
+    finally:
+        index.close()
+
+
+def open_dataset(
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    images: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> DatasetSource:
+    """Find a dataset's format and description file (arguments as `load_dataset`); reads no record yet."""
     path = Path(os.path.abspath(path))
     if not path.exists():
         raise FileNotFoundError(f"dataset path {path} does not exist")
@@ -41,36 +62,30 @@ def load_dataset(
     labels_path = root / LABELS_FILE
     labels = read_labels_file(labels_path) if labels_path.exists() else None
 
+    def source(records, dataset_name, **kw) -> DatasetSource:
+        return DatasetSource(fmt, root, image_root, records, dataset_name, labels, **kw)
+
     if fmt == "karpathy":
-        from ssjdn.data.readers.karpathy import read_karpathy
+        from ssjdn.data.readers.karpathy import dataset_name, iter_karpathy
 
-        file_name, records = read_karpathy(desc)
-        ds_name = name or file_name or root.name
-        prefix = True
-    elif fmt in ("precomp", "precomp:verify"):
-        from ssjdn.data.readers.precomp import read_precomp
+        fields: dict = {}  # the file's top-level fields; its "dataset" name may come after the images
+        return source(
+            lambda: iter_karpathy(desc, fields), lambda: name or dataset_name(fields) or root.name, prefix_labels=True
+        )
+    if fmt in ("precomp", "precomp:verify"):
+        from ssjdn.data.readers.precomp import iter_precomp
 
-        records = read_precomp(root, "_verify" if fmt == "precomp:verify" else "")
+        variant = "_verify" if fmt == "precomp:verify" else ""
         # `rsitmd_precomp` -> `rsitmd`, so keys match those from the same data's Karpathy file.
-        ds_name = name or root.name.removesuffix("_precomp")
-        prefix = True
-    elif fmt == "table":
-        from ssjdn.data.readers.table import read_table
+        return source(
+            lambda: iter_precomp(root, variant), lambda: name or root.name.removesuffix("_precomp"), prefix_labels=True
+        )
+    if fmt == "table":
+        from ssjdn.data.readers.table import iter_table, merge_repeat
 
-        records = read_table(desc)
-        ds_name = name or root.name
-        prefix = False  # users' own file names carry no class convention; use a label column or labels.csv
-    else:
-        raise DatasetFormatError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    return build_dataset(
-        records,
-        name=ds_name,
-        format=fmt,
-        root=root,
-        image_root=image_root,
-        labels=labels,
-        prefix_labels=prefix,
-    )
+        # users' own file names carry no class convention; use a label column or labels.csv
+        return source(lambda: iter_table(desc), lambda: name or root.name, merge_repeat=merge_repeat)
+    raise DatasetFormatError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
 def detect_format(path: Path) -> tuple[str, Path]:

@@ -3,31 +3,27 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ssjdn.data.errors import DatasetFormatError
-from ssjdn.data.readers.common import RawRecord, read_text
+from ssjdn.data.readers.common import RawRecord
+from ssjdn.data.readers.jsonstream import stream_object_array
 
 
-def parse_json(path: Path) -> Any:
-    try:
-        return json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DatasetFormatError(
-            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
+def dataset_name(fields: dict[str, Any]) -> str | None:
+    """The name in a Karpathy file's "dataset" field (known once its records have been read), or None."""
+    name = fields.get("dataset")
+    return name if isinstance(name, str) and name.strip() else None
 
 
-def read_karpathy(path: Path) -> tuple[str | None, list[RawRecord]]:
-    """Parse a Karpathy JSON file into (dataset name from its "dataset" field or None, raw records)."""
-    data = parse_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DatasetFormatError(f"{path}: not a Karpathy caption file: expected an object with an 'images' list")
-    name = data.get("dataset") if isinstance(data.get("dataset"), str) and data["dataset"].strip() else None
-    records = []
-    for i, img in enumerate(data["images"]):
+def iter_karpathy(path: Path, fields: dict[str, Any]) -> Iterator[RawRecord]:
+    """The raw records of a Karpathy JSON file, parsed one image at a time (bounded memory at any size).
+
+    The file's other top-level fields (e.g. "dataset") land in `fields`; complete once the iterator is exhausted.
+    """
+    for i, img in enumerate(stream_object_array(path, "images", fields)):
         where = f"images[{i}]"
         if not isinstance(img, dict):
             raise DatasetFormatError(f"{path}: {where}: expected an object, got {type(img).__name__}")
@@ -45,21 +41,18 @@ def read_karpathy(path: Path) -> tuple[str | None, list[RawRecord]]:
             captions.append(_caption(path, where, filename, j, sent))
             caption_where.append(f"sentences[{j}]")
         extra = {k: img[k] for k in ("imgid", "cocoid") if k in img}
-        records.append(
-            RawRecord(
-                file=str(path),
-                where=where,
-                filename=filename,
-                split=split,
-                captions=captions,
-                caption_where=caption_where,
-                class_name=_opt_str(img.get("class") or img.get("label")),
-                lat=_opt_float(path, where, img.get("lat")),
-                lon=_opt_float(path, where, img.get("lon")),
-                extra=extra,
-            )
+        yield RawRecord(
+            file=str(path),
+            where=where,
+            filename=filename,
+            split=split,
+            captions=captions,
+            caption_where=caption_where,
+            class_name=_opt_str(img.get("class") or img.get("label")),
+            lat=_opt_float(path, where, img.get("lat")),
+            lon=_opt_float(path, where, img.get("lon")),
+            extra=extra,
         )
-    return name, records
 
 
 def _caption(path: Path, where: str, filename: Any, j: int, sent: Any) -> str:

@@ -11,6 +11,7 @@ name `precomp:verify` reads those files where they exist and the plain files for
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from ssjdn.data.errors import DatasetFormatError
@@ -42,17 +43,17 @@ def find_caption_files(root: Path, variant: str = "") -> dict[str, tuple[Path, P
     return chosen
 
 
-def read_precomp(root: Path, variant: str = "") -> list[RawRecord]:
-    records: list[RawRecord] = []
+def iter_precomp(root: Path, variant: str = "") -> Iterator[RawRecord]:
+    """The raw records of every split, split by split. One split's two text files are held while it is read
+    (their alignment is decided from the line counts); the benchmark datasets in this layout are small."""
     files = find_caption_files(root, variant)
     # train, val, test first (file order); unknown split names last, where the dataset builder refuses them.
     for split in sorted(files, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s)):
         caps_path, names_path = files[split]
-        records.extend(_read_split(split, caps_path, names_path))
-    return records
+        yield from _read_split(split, caps_path, names_path)
 
 
-def _read_split(split: str, caps_path: Path, names_path: Path) -> list[RawRecord]:
+def _read_split(split: str, caps_path: Path, names_path: Path) -> Iterator[RawRecord]:
     caps = read_lines(caps_path)
     names = read_lines(names_path)
     for i, n in enumerate(names):
@@ -70,8 +71,8 @@ def _read_split(split: str, caps_path: Path, names_path: Path) -> list[RawRecord
             f"{caps_path}: {len(caps)} caption lines do not align with {len(names)} names in {names_path.name}: "
             "expected one name per caption or the same number of captions per name"
         )
-    return [
-        RawRecord(
+    for name, lines, name_line in groups:
+        yield RawRecord(
             file=str(names_path),
             where=f"line {name_line}",
             filename=name,
@@ -79,8 +80,6 @@ def _read_split(split: str, caps_path: Path, names_path: Path) -> list[RawRecord
             captions=[caps[j] for j in lines],
             caption_where=[f"{caps_path.name} line {j + 1}" for j in lines],
         )
-        for name, lines, name_line in groups
-    ]
 
 
 def _group_per_caption(names: list[str], names_path: Path) -> list[tuple[str, list[int], int]]:

@@ -7,20 +7,21 @@ string in CSV) and/or one or more text columns (`caption`, `caption_1`, `caption
 optional `split` (default train), label (`label`, `class`, `class_name`, `category`, `scene`), `lat`/`latitude`,
 `lon`/`lng`/`longitude`, `bbox` (4 numbers), `crs`. Other columns go to `Sample.extra`.
 Rows naming the same image are merged (one row per caption is fine) when their other fields agree.
+Rows are read one at a time (a JSONL file twice: once for its column names).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ssjdn.data.errors import DatasetFormatError
-from ssjdn.data.readers.common import RawRecord, is_url, read_lines, read_text
+from ssjdn.data.readers.common import RawRecord, is_url, read_text
 
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_path", "filename", "file", "path", "url", "image_url")
 LIST_CAPTION_COLUMNS = ("captions", "sentences")
@@ -31,14 +32,12 @@ LON_COLUMNS = ("lon", "lng", "long", "longitude")
 _MERGE_FIELDS = ("split", "class_name", "lat", "lon", "bbox", "crs")
 
 
-def read_table(path: Path) -> list[RawRecord]:
-    rows = _read_rows(path)
-    if not rows:
+def iter_table(path: Path) -> Iterator[RawRecord]:
+    """The raw records of a table, row by row (rows naming the same image are merged later, by the dataset
+    index, with `merge_repeat`). Column roles come from the union of the table's column names."""
+    columns = _columns(path)
+    if not columns:
         raise DatasetFormatError(f"{path}: the table has no rows")
-    columns = {c.lower(): c for row in rows[:1] for c in row[1]}
-    for _, row in rows[1:]:
-        for c in row:
-            columns.setdefault(c.lower(), c)
     image_col = _find(columns, IMAGE_COLUMNS)
     list_cols = [columns[c] for c in LIST_CAPTION_COLUMNS if c in columns]
     text_cols = [orig for low, orig in columns.items() if TEXT_CAPTION.fullmatch(low)]
@@ -52,9 +51,9 @@ def read_table(path: Path) -> list[RawRecord]:
     bbox_col, crs_col = _find(columns, ("bbox",)), _find(columns, ("crs",))
     used = {image_col, label_col, split_col, lat_col, lon_col, bbox_col, crs_col, *list_cols, *text_cols}
 
-    by_name: dict[str, RawRecord] = {}
-    records: list[RawRecord] = []
-    for where, row in rows:
+    n_rows = 0
+    for where, row in _iter_rows(path):
+        n_rows += 1
         image = row.get(image_col)
         if not isinstance(image, str) or not image.strip():
             raise DatasetFormatError(f"{path}: {where}: empty or missing image in column {image_col!r}")
@@ -72,7 +71,7 @@ def read_table(path: Path) -> list[RawRecord]:
                 raise DatasetFormatError(f"{path}: {where}: file:// URL {image!r} escapes the image root")
             source = image
             image = image.split("://", 1)[1]
-        rec = RawRecord(
+        yield RawRecord(
             file=str(path),
             where=where,
             filename=image,
@@ -87,55 +86,98 @@ def read_table(path: Path) -> list[RawRecord]:
             crs=_text(row.get(crs_col)),
             extra={k: _plain(v) for k, v in row.items() if k not in used and not _missing(v)},
         )
-        first = by_name.get(image)
-        if first is None:
-            by_name[image] = rec
-            records.append(rec)
-            continue
-        for f in _MERGE_FIELDS:
-            if getattr(first, f) != getattr(rec, f) and getattr(rec, f) is not None:
-                raise DatasetFormatError(
-                    f"{path}: {where}: image {image!r} listed again with {f} {getattr(rec, f)!r}, "
-                    f"but {first.where} gives {getattr(first, f)!r}"
-                )
-        first.captions += rec.captions
-        first.caption_where += rec.caption_where
-    return records
+    if not n_rows:
+        raise DatasetFormatError(f"{path}: the table has no rows")
 
 
-def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def merge_repeat(first: RawRecord, rec: RawRecord) -> None:
+    """Fold a later row naming the same image into the first (one row per caption is fine) when the other
+    fields agree; a conflicting field is an error naming both rows."""
+    for f in _MERGE_FIELDS:
+        if getattr(first, f) != getattr(rec, f) and getattr(rec, f) is not None:
+            raise DatasetFormatError(
+                f"{rec.file}: {rec.where}: image {rec.filename!r} listed again with {f} {getattr(rec, f)!r}, "
+                f"but {first.where} gives {getattr(first, f)!r}"
+            )
+    first.captions += rec.captions
+    first.caption_where += rec.caption_where
+
+
+def _columns(path: Path) -> dict[str, str]:
+    """{lower-case name: name as written} of every column (JSONL: the union over all rows, first seen first)."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-        rows = []
-        for row in reader:
-            if None in row:
-                raise DatasetFormatError(f"{path}: line {reader.line_num}: more cells than header columns")
-            rows.append((f"line {reader.line_num}", row))
-        return rows
-    if suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(read_lines(path), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetFormatError(f"{path}: malformed JSON at line {i}, column {exc.colno}: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise DatasetFormatError(f"{path}: line {i}: expected a JSON object, got {type(row).__name__}")
-            rows.append((f"line {i}", row))
-        return rows
+        with _open_text(path) as f:
+            header = next(_strict(path, csv.reader(f)), None)
+        return {c.lower(): c for c in header or []}
     if suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        return {c.lower(): c for c in _parquet(path).schema_arrow.names}
+    columns: dict[str, str] = {}
+    for _, row in _iter_rows(path):
+        for c in row:
+            columns.setdefault(c.lower(), c)
+    return columns
 
+
+def _iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with _open_text(path) as f:
+            reader = csv.DictReader(f)
+            for row in _strict(path, reader):
+                if None in row:
+                    raise DatasetFormatError(f"{path}: line {reader.line_num}: more cells than header columns")
+                yield f"line {reader.line_num}", row
+    elif suffix == ".jsonl":
+        with _open_text(path) as f:
+            for i, line in enumerate(_strict(path, f), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DatasetFormatError(
+                        f"{path}: malformed JSON at line {i}, column {exc.colno}: {exc.msg}"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise DatasetFormatError(f"{path}: line {i}: expected a JSON object, got {type(row).__name__}")
+                yield f"line {i}", row
+    elif suffix == ".parquet":
+        import pyarrow as pa
+
+        i = 0
         try:
-            table = pq.read_table(path)
+            for batch in _parquet(path).iter_batches(batch_size=4096):
+                for row in batch.to_pylist():
+                    yield f"row {i}", row
+                    i += 1
         except (pa.ArrowException, OSError) as exc:
             raise DatasetFormatError(f"{path}: unreadable Parquet file: {exc}") from None
-        return [(f"row {i}", row) for i, row in enumerate(table.to_pylist())]
-    raise DatasetFormatError(f"{path}: unsupported table type {suffix!r}; expected .csv, .jsonl or .parquet")
+    else:
+        raise DatasetFormatError(f"{path}: unsupported table type {suffix!r}; expected .csv, .jsonl or .parquet")
+
+
+def _open_text(path: Path):
+    return open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 - callers close it
+
+
+def _strict(path: Path, lines: Iterable[Any]) -> Iterator[Any]:
+    """Pass `lines` through; on invalid UTF-8 re-read the file once for an error naming the byte offset and line."""
+    try:
+        yield from lines
+    except UnicodeDecodeError:
+        read_text(path)  # raises DatasetFormatError with the exact position
+        raise
+
+
+def _parquet(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetFormatError(f"{path}: unreadable Parquet file: {exc}") from None
 
 
 def _find(columns: dict[str, str], names: tuple[str, ...]) -> str | None:
