@@ -127,9 +127,9 @@ def _sample_members(meta: dict[str, Any], options: ShardOptions, dataset: str) -
 # Where it pays, samples are read, validated and encoded by a few threads ahead of the tar writer, a batch per
 # task, in order: remote reads wait on the network and Pillow decodes without the GIL, so remote sources,
 # `--validate full` and resizing keep several requests and cores busy. Local files checked for structure are
-# read in the writer's own thread: threads were measured slower there, warm (GIL hand-overs on Python-bound
-# work) and cold alike (bench_shard). Memory: at most READ_AHEAD_BATCHES batches (READ_AHEAD_BYTES of source
-# images) are in flight per writer.
+# read and checked in the writer's own thread: there the work is mostly Python, and both 4 preparing threads
+# and 1 read-ahead thread were measured slower warm and no faster from a cold page cache (docs/sharding.md).
+# Memory: at most READ_AHEAD_BATCHES batches (READ_AHEAD_BYTES of source images) are in flight per writer.
 READ_AHEAD_THREADS = 4
 READ_AHEAD_BATCHES = 2 * READ_AHEAD_THREADS
 BATCH_SAMPLES = 16
@@ -163,7 +163,7 @@ def _prepared(planned: list, options: ShardOptions, dataset: str) -> Iterator[tu
         for meta in batch:
             try:
                 out.append(_sample_members(meta, options, dataset))
-            except Exception as exc:
+            except Exception as exc:  # sorted out by the caller: a bad sample, or re-raised
                 out.append(exc)
         return out
 
@@ -171,7 +171,6 @@ def _prepared(planned: list, options: ShardOptions, dataset: str) -> Iterator[tu
         for meta, _, _ in planned:
             yield meta, prepare([meta])[0]
         return
-
     with ThreadPoolExecutor(READ_AHEAD_THREADS, thread_name_prefix="shard-read") as pool:
         pending: deque = deque()
         in_flight = 0

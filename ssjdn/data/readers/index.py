@@ -63,7 +63,9 @@ class SampleIndex:
     def __init__(self, source: DatasetSource, path: str | os.PathLike = ":memory:") -> None:
         self.source = source
         self.db = sqlite3.connect(path, isolation_level=None)  # transactions are ours: one per phase
-        self.db.executescript("PRAGMA journal_mode=MEMORY; PRAGMA synchronous=OFF;" + _SCHEMA)
+        # A rollback journal on disk (not in memory: that grew with the dataset) without fsyncs: the file is
+        # scratch. Rollbacks are needed for the batch savepoints.
+        self.db.executescript("PRAGMA journal_mode=TRUNCATE; PRAGMA synchronous=OFF;" + _SCHEMA)
         self.db.create_function("make_key", 2, make_key, deterministic=True)
         self._root = str(source.image_root)
         self.db.execute("BEGIN")
