@@ -10,10 +10,11 @@ members, hashes every byte and commits each shard by rename. Both validation lev
 run: `structure` (the default: header + the file is complete, no pixel decoding) and `full` (decode every
 image). Best of `--repeat` runs each, runs of the different commands interleaved so that a burst of load on a
 shared machine hits all of them alike. The floors below say what parts cost on their own, in one process.
-The comparison runs twice: on the dataset as it is (UCM: 33 kB JPEGs, where per-sample Python work dominates)
-and on `--tiles` generated 1024 px uncompressed RGB TIFF tiles (3 MB each, archive-like, where the bytes do).
-Memory: a fresh process shards N and 10N samples (the UCM images listed 10x under new names, via symlinks);
-peak RSS of the whole process tree (parent + writer processes) is sampled every 20 ms.
+The comparison runs on the dataset as it is (UCM: 33 kB JPEGs, where per-sample Python work dominates; warm and
+cold) and on `--tiles` generated 1024 px uncompressed RGB TIFF tiles (3 MB each, archive-like, where the bytes do).
+Memory: a fresh process shards N and 10N samples (`--scale 10 50` for more sizes; the UCM images listed again
+under new names, via symlinks), with one writer and with `--workers`; peak RSS of the parent and of the whole
+process tree (parent + writer processes) is sampled every 20 ms.
 """
 
 from __future__ import annotations
@@ -239,12 +240,36 @@ def compare_with_tar(data: Path, scratch: Path, workers: int, repeat: int, label
     return n
 
 
+def measure_memory(data: Path, scratch: Path, n: int, scales: list[int], workers: int) -> None:
+    """Peak RSS of `ssjdn shard` on the dataset and on it listed `scales` times: with one writer (one process:
+    how memory scales with the dataset) and with `workers` (the process tree: worker processes come on top)."""
+    runs = []
+    for scale in [1, *scales]:
+        ds = data if scale == 1 else make_repeated_dataset(data, scratch / f"big{scale}", scale)
+        for w in sorted({1, workers}):
+            dest = scratch / "mem-out"
+            cmd = [sys.executable, "-m", "pipelines.cli", "shard", str(ds), str(dest), "--no-progress",
+                   "--workers", str(w)]  # fmt: skip
+            runs.append((scale, w, *peak_tree_rss(cmd, scratch / "mem.log")))
+            shutil.rmtree(dest)
+    print(f"\n{'peak RSS, MB (--validate structure)':40}{'tree':>9}{'parent':>9}{'worker':>9}{'seconds':>9}")
+    for scale, w, tree, parent, child, secs in runs:
+        worker = f"{child / 2**20:9.0f}" if child else f"{'none':>9}"
+        label = f"{n * scale} samples, --workers {w}"
+        print(f"{label:40}{tree / 2**20:9.0f}{parent / 2**20:9.0f}{worker}{secs:9.1f}")
+    one = {scale: parent for scale, w, _, parent, _, _ in runs if w == 1}
+    for scale in scales:
+        print(f"peak memory ratio {scale}x / 1x, one writer process: {one[scale] / one[1]:.2f}  (goal: flat, ~1.0)")
+    # Worker processes start only when the work outlasts their start-up: a small run stays one process, so the
+    # tree of a large run is larger by the workers' own (flat) footprint, not by the dataset.
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--scale", type=int, default=10, help="memory run: this many times the dataset")
+    ap.add_argument("--scale", type=int, nargs="+", default=[10], help="memory runs: these many times the dataset")
     ap.add_argument("--scratch", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-cold", action="store_true", help="skip the comparison from a cold page cache")
@@ -267,26 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             compare_with_tar(tiles, scratch, args.workers, args.repeat,
                              f"synthetic {args.tile_size}x{args.tile_size} RGB TIFF tiles")  # fmt: skip
         if not args.skip_memory:
-            big = make_repeated_dataset(args.data, scratch / "big", args.scale)
-            results = []
-            for label, ds in ((f"{n} samples", args.data), (f"{n * args.scale} samples", big)):
-                dest = scratch / f"mem-{len(results)}"
-                cmd = [sys.executable, "-m", "pipelines.cli", "shard", str(ds), str(dest), "--no-progress",
-                       "--workers", str(args.workers)]  # fmt: skip
-                results.append((label, *peak_tree_rss(cmd, scratch / "mem.log")))
-                shutil.rmtree(dest)
-            # The parent writes shards too; worker processes start only when the work outlasts their start-up.
-            print(f"{'peak RSS, MB (--validate structure)':40}{'tree':>9}{'parent':>9}{'worker':>9}{'seconds':>9}")
-            for label, tree, parent, child, secs in results:
-                worker = f"{child / 2**20:9.0f}" if child else f"{'none':>9}"
-                print(f"{label:40}{tree / 2**20:9.0f}{parent / 2**20:9.0f}{worker}{secs:9.1f}")
-            (_, t1, p1, c1, _), (_, t10, p10, c10, _) = results
-            worker_ratio = f", worker {c10 / c1:.2f}" if c1 and c10 else ""
-            print(
-                f"peak memory ratio {args.scale}x / 1x: tree {t10 / t1:.2f}, parent {p10 / p1:.2f}{worker_ratio}  "
-                f"(goal: flat, ~1.0; the parent holds the dataset's metadata; a run too small to start a worker "
-                f"process is one process, so 'tree' then compares 1 process with {args.workers})"
-            )
+            measure_memory(args.data, scratch, n, args.scale, args.workers)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
