@@ -266,22 +266,25 @@ class TarStream:
         checksum = b"%06o\x00 " % (self._sum + sum(raw) + sum(size_field))
         return b"".join((raw, self._zeros[100 - len(raw)], self._mode_ids, size_field, self._mtime, checksum, self._rest))
 
+    def _member(self, name: str, data: bytes, parts: list[bytes]) -> None:
+        header = self._header(name, len(data))
+        parts += (header, data, self._zeros[-len(data) % TAR_BLOCK])
+        self.written += len(header) + len(data) + (-len(data) % TAR_BLOCK)
+
     def add(self, name: str, data: bytes) -> None:
-        """Append one member. The parts go to `out` as they are (no copy): `out` batches small writes."""
-        write, header = self.out.write, self._header(name, len(data))
-        write(header)
-        write(data)
-        self.written += len(header) + len(data)
-        if len(data) % TAR_BLOCK:
-            pad = TAR_BLOCK - len(data) % TAR_BLOCK
-            write(self._zeros[pad])
-            self.written += pad
+        """Append one member."""
+        parts: list[bytes] = []
+        self._member(name, data, parts)
+        self.out.writelines(parts)
 
     def write_sample(self, sample: dict[str, bytes]) -> None:
-        """`{"__key__": k, ext: bytes, ...}` -> members `k.ext` in sorted extension order (as webdataset)."""
+        """`{"__key__": k, ext: bytes, ...}` -> members `k.ext` in sorted extension order (as webdataset). The parts
+        go to `out` in one `writelines` call, as they are (no copy): `out` batches small writes."""
         key = sample["__key__"]
+        parts: list[bytes] = []
         for ext in sorted(k for k in sample if not k.startswith("_")):
-            self.add(f"{key}.{ext}", sample[ext])
+            self._member(f"{key}.{ext}", sample[ext], parts)
+        self.out.writelines(parts)
 
     def close(self) -> None:
         end = self.written + 2 * TAR_BLOCK

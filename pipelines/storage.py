@@ -286,6 +286,17 @@ class HashingWriter:
             self._send()
         return len(data)
 
+    def writelines(self, parts) -> None:
+        """`write` for each part, in one call."""
+        if self._error is not None:
+            raise self._error
+        n = sum(map(len, parts))
+        self._batch += parts
+        self._batched += n
+        self.size += n
+        if self._batched >= self.batch_bytes:
+            self._send()
+
     def _send(self) -> None:
         batch = self._batch
         if not batch:
