@@ -389,6 +389,25 @@ def sample_meta(sample: Any) -> dict[str, Any]:
 _META_FIELDS = tuple(f.name for f in dataclasses.fields(Sample) if f.name != "image")
 
 
+PLAN_DIR_PREFIX = "ssjdn-shard-plan-"
+
+
+def _remove_stale_plans() -> None:
+    """Remove the scratch folders of plans whose process is gone (a killed run cannot clean up after itself)."""
+    root = tempfile.gettempdir()
+    for entry in os.scandir(root):
+        rest = entry.name.removeprefix(PLAN_DIR_PREFIX)
+        pid = rest.split("-", 1)[0]
+        if rest == entry.name or not pid.isdigit() or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass  # alive, owned by another user
+
+
 def plan_shards(
     dataset: str | os.PathLike,
     dest_url: str,
@@ -411,7 +430,8 @@ def plan_shards(
 
     options = options or ShardOptions()
     source = open_dataset(dataset, format=format, images=images, name=name)
-    plan_file = PlanFile(os.path.join(tempfile.mkdtemp(prefix="ssjdn-shard-plan-"), "plan.jsonl"))
+    _remove_stale_plans()
+    plan_file = PlanFile(os.path.join(tempfile.mkdtemp(prefix=f"{PLAN_DIR_PREFIX}{os.getpid()}-"), "plan.jsonl"))
     records = os.path.join(os.path.dirname(plan_file.path), "records.sqlite")
     try:
         index = SampleIndex(source, path=records)

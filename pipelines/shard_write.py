@@ -349,7 +349,7 @@ def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -
 def _committed(job: ShardJob, fs, root: str) -> ShardResult | None:
     """The recorded result when this exact shard is already committed and its bytes still hash right."""
     rec = read_json(fs, safe_join(root, job.stats_path))
-    if not rec or rec.get("digest") != job.digest:
+    if not rec or rec.get("digest") != job.digest or "classes" not in rec:
         return None
     try:
         sha, size = sha256_of(fs, safe_join(root, job.path))

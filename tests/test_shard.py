@@ -327,3 +327,33 @@ def test_natural_order_bytes_sort_like_digit_aware_tuples():
     keys |= {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(3000)}
     keys = sorted(keys)
     assert sorted(keys, key=lambda k: (natural_order(k), k)) == sorted(keys, key=lambda k: (as_tuple(k), k))
+
+
+def test_plan_scratch_is_removed_after_the_run_and_after_a_killed_run(synthetic, tmp_path, monkeypatch):
+    """The plan file lives in a scratch folder under TMPDIR: gone when the run ends, and a folder left by a killed
+    run (its process is gone) is removed by the next plan; a live process's folder is left alone."""
+    import os
+    import sys
+    import tempfile
+
+    from pipelines.shard_plan import PLAN_DIR_PREFIX
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = scratch / f"{PLAN_DIR_PREFIX}{int(dead.stdout)}-x1"
+    live = scratch / f"{PLAN_DIR_PREFIX}{os.getpid()}-x2"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "plan.jsonl").write_text("{}\n")
+
+    plan = sharding.plan_shards(synthetic, str(tmp_path / "dest"), options=sharding.ShardOptions(maxcount=7))
+    assert not stale.exists() and live.exists()
+    mine = Path(plan.plan_file.path).parent
+    assert mine.parent == scratch and sum(j.count for j in plan.jobs) == 40
+    del plan
+    assert not mine.exists()  # freed with the plan (and its jobs)
+
+    sharding.shard_dataset(synthetic, str(tmp_path / "dest"), maxcount=7, progress=False)
+    assert sorted(p.name for p in scratch.iterdir()) == [live.name]
