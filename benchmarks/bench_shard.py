@@ -150,6 +150,10 @@ def make_repeated_dataset(data: Path, out: Path, times: int) -> Path:
             os.symlink(data / "images" / im["filename"], out / "images" / name)
             images.append({**im, "filename": name})
     (out / "dataset.json").write_text(json.dumps({"dataset": f"ucm{times}x", "images": images}))
+    labels = data / "labels.csv"
+    if labels.exists():  # the labels file grows with the dataset too (UCM's classes)
+        header, *rows = labels.read_text().splitlines()
+        (out / "labels.csv").write_text("\n".join([header, *(f"r{r}_{row}" for r in range(times) for row in rows)]) + "\n")
     return out
 
 

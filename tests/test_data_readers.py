@@ -410,3 +410,18 @@ def test_karpathy_file_is_parsed_in_bounded_pieces(tmp_path, chunk, monkeypatch)
         with pytest.raises(DatasetFormatError, match=re.escape(f"malformed JSON at {where}")):
             load_dataset(tmp_path)
 
+
+
+def test_labels_file_rows_are_checked_across_insert_batches(tmp_path, monkeypatch):
+    """labels.csv is streamed into the index: a repeated identical row is fine, a second class for a file is refused
+    with both classes and the line, however the rows fall into insert batches."""
+    from ssjdn.data.readers import index
+
+    monkeypatch.setattr(index, "_BATCH", 1)
+    root = karpathy(tmp_path, [img("1.jpg"), img("2.jpg"), img("x_3.jpg")])
+    (root / "labels.csv").write_text("filename,class\n1.jpg,beach\n2.jpg,forest\n1.jpg,beach\n")
+    ds = load_dataset(root)
+    assert [(s.filename, s.class_name) for s in ds.samples] == [("1.jpg", "beach"), ("2.jpg", "forest"), ("x_3.jpg", None)]
+    (root / "labels.csv").write_text("filename,class\n1.jpg,beach\n2.jpg,forest\n\n1.jpg,forest\n")
+    with pytest.raises(DatasetFormatError, match=r"labels\.csv: line 5: 1\.jpg labelled both 'beach' and 'forest'"):
+        load_dataset(root)

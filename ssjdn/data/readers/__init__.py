@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ssjdn.data.errors import DatasetFormatError, NoDatasetDescriptionError
 from ssjdn.data.readers.base import BadRecord, Dataset
-from ssjdn.data.readers.common import LABELS_FILE, default_image_root, read_labels_file
+from ssjdn.data.readers.common import LABELS_FILE, default_image_root
 from ssjdn.data.readers.index import DatasetSource, SampleIndex
 
 FORMATS = ("karpathy", "precomp", "precomp:verify", "table")
@@ -59,8 +59,7 @@ def open_dataset(
     fmt, desc = detect_format(path) if format is None else (format, _description_file(path, format))
     root = path if path.is_dir() else path.parent
     image_root = default_image_root(root, images)
-    labels_path = root / LABELS_FILE
-    labels = read_labels_file(labels_path) if labels_path.exists() else None
+    labels = root / LABELS_FILE if (root / LABELS_FILE).exists() else None
 
     def source(records, dataset_name, **kw) -> DatasetSource:
         return DatasetSource(fmt, root, image_root, records, dataset_name, labels, **kw)

@@ -4,9 +4,9 @@ of any format into a checked `Dataset` (splits, duplicates, empty captions, keys
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -91,33 +91,44 @@ def prefix_class(filename: str) -> str | None:
     return m.group("cls") if m else None
 
 
-def read_labels_file(path: Path) -> dict[str, str]:
-    """`filename,class` CSV (header required) -> {relative file name: class}. Conflicting rows are an error."""
-    text = read_text(path)
-    rows = list(csv.reader(io.StringIO(text)))
-    if not rows:
-        raise DatasetFormatError(f"{path}: empty labels file; expected a header 'filename,class'")
-    header = [h.strip().lower() for h in rows[0]]
-    name_col = _pick(header, ("filename", "file", "image", "image_path", "path"))
-    class_col = _pick(header, ("class", "label", "class_name", "category"))
-    if name_col is None or class_col is None:
-        raise DatasetFormatError(f"{path}: line 1: header {rows[0]} needs a 'filename' and a 'class' column")
-    labels: dict[str, str] = {}
-    for lineno, row in enumerate(rows[1:], start=2):
-        if not row or not any(c.strip() for c in row):
-            continue
-        if len(row) <= max(name_col, class_col):
-            raise DatasetFormatError(f"{path}: line {lineno}: expected {len(header)} columns, got {len(row)}")
-        name = safe_relative_name(row[name_col], file=str(path), where=f"line {lineno}")
-        cls = row[class_col].strip()
-        if not cls:
-            raise DatasetFormatError(f"{path}: line {lineno} ({name}): empty class")
-        if labels.get(name, cls) != cls:
-            raise DatasetFormatError(
-                f"{path}: line {lineno}: {name} labelled both {labels[name]!r} and {cls!r}"
-            )
-        labels[name] = cls
-    return labels
+def open_text(path: Path):
+    """A UTF-8 text file (a BOM is allowed) opened for reading line by line; pass it through `strict_utf8`."""
+    return open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 - callers close it
+
+
+def strict_utf8(path: Path, lines: Iterable[Any]) -> Iterator[Any]:
+    """Pass `lines` through; on invalid UTF-8 re-read the file once for an error naming the byte offset and line."""
+    try:
+        yield from lines
+    except UnicodeDecodeError:
+        read_text(path)  # raises DatasetFormatError with the exact position
+        raise
+
+
+def iter_labels_file(path: Path) -> Iterator[tuple[int, str, str]]:
+    """(line number, relative file name, class) per row of a `filename,class` CSV (header required), one row at a
+    time. A file named twice with two classes is refused by the dataset index, which sees every row."""
+    with open_text(path) as f:
+        reader = csv.reader(f)
+        header_row = next(strict_utf8(path, reader), None)
+        if header_row is None:
+            raise DatasetFormatError(f"{path}: empty labels file; expected a header 'filename,class'")
+        header = [h.strip().lower() for h in header_row]
+        name_col = _pick(header, ("filename", "file", "image", "image_path", "path"))
+        class_col = _pick(header, ("class", "label", "class_name", "category"))
+        if name_col is None or class_col is None:
+            raise DatasetFormatError(f"{path}: line 1: header {header_row} needs a 'filename' and a 'class' column")
+        for row in strict_utf8(path, reader):
+            lineno = reader.line_num
+            if not row or not any(c.strip() for c in row):
+                continue
+            if len(row) <= max(name_col, class_col):
+                raise DatasetFormatError(f"{path}: line {lineno}: expected {len(header)} columns, got {len(row)}")
+            name = safe_relative_name(row[name_col], file=str(path), where=f"line {lineno}")
+            cls = row[class_col].strip()
+            if not cls:
+                raise DatasetFormatError(f"{path}: line {lineno} ({name}): empty class")
+            yield lineno, name, cls
 
 
 def _pick(header: list[str], names: tuple[str, ...]) -> int | None:

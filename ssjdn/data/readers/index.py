@@ -14,6 +14,7 @@ sorts larger-than-memory results on disk. Rows naming the same image are merged 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
@@ -24,7 +25,7 @@ from typing import Any
 
 from ssjdn.data.errors import DatasetFormatError
 from ssjdn.data.readers.base import BadRecord, Dataset
-from ssjdn.data.readers.common import RawRecord, prefix_class, safe_relative_name
+from ssjdn.data.readers.common import RawRecord, iter_labels_file, prefix_class, safe_relative_name
 from ssjdn.data.record import SPLITS, Sample, make_key
 
 _SCHEMA = """
@@ -33,11 +34,12 @@ CREATE TABLE records (
     filename TEXT NOT NULL UNIQUE,  -- relative to the image root (the URL's path for remote images)
     split TEXT NOT NULL,
     source TEXT,                    -- set for URLs only
-    cls TEXT,                       -- explicit or labels-file class
+    cls TEXT,                       -- explicit, else labels-file class
     prefix TEXT,                    -- file-name prefix class, used only if the dataset has two or more
     key TEXT,                       -- set once the dataset's name is known (a Karpathy name may follow the images)
     doc TEXT NOT NULL               -- the rest of the raw record, JSON (see _doc)
-)
+);
+CREATE TABLE labels (filename TEXT PRIMARY KEY, cls TEXT NOT NULL, line INTEGER NOT NULL) WITHOUT ROWID;
 """
 _BATCH = 1000  # records per INSERT call
 _SPLIT_RANK = "CASE split " + " ".join(f"WHEN '{s}' THEN {i}" for i, s in enumerate(SPLITS)) + " END"
@@ -52,7 +54,7 @@ class DatasetSource:
     image_root: Path
     records: Callable[[], Iterator[RawRecord]]
     name: Callable[[], str]  # valid once `records()` has been exhausted
-    labels: dict[str, str] | None = None
+    labels: Path | None = None  # a `filename,class` CSV (labels.csv)
     prefix_labels: bool = False
     merge_repeat: Callable[[RawRecord, RawRecord], None] | None = None  # tables: fold a repeated image's rows
 
@@ -69,6 +71,8 @@ class SampleIndex:
         self.db.create_function("make_key", 2, make_key, deterministic=True)
         self._root = str(source.image_root)
         self.db.execute("BEGIN")
+        if source.labels is not None:
+            self._load_labels(source.labels)
         self._ingest()
         self.name = source.name()
         self._assign_keys()
@@ -80,9 +84,21 @@ class SampleIndex:
 
     # -- reading --------------------------------------------------------------------------------------------
 
+    def _load_labels(self, path: Path) -> None:
+        def conflict(row: tuple) -> None:
+            name, cls, line = row
+            (first,) = self.db.execute("SELECT cls FROM labels WHERE filename = ?", (name,)).fetchone()
+            if first != cls:
+                raise DatasetFormatError(f"{path}: line {line}: {name} labelled both {first!r} and {cls!r}")
+
+        insert = "INSERT INTO labels (filename, cls, line) VALUES (?, ?, ?)"
+        for batch in _chunks((name, cls, line) for line, name, cls in iter_labels_file(path)):
+            self._insert(insert, [(row, row) for row in batch], conflict)
+
     def _ingest(self) -> None:
         src = self.source
         guess_prefix = src.prefix_labels and src.labels is None
+        insert = "INSERT INTO records (filename, split, source, cls, prefix, doc) VALUES (?, ?, ?, ?, ?, ?)"
         batch: list[tuple[tuple, RawRecord]] = []
         for r in src.records():
             if r.split not in SPLITS:
@@ -91,29 +107,31 @@ class SampleIndex:
                 )
             if r.source is None:
                 r.filename = safe_relative_name(r.filename, file=r.file, where=r.where)
-            cls = r.class_name
-            if cls is None and src.labels is not None:
-                cls = src.labels.get(r.filename)
-            prefix = prefix_class(r.filename) if cls is None and guess_prefix else None
-            batch.append(((r.filename, r.split, r.source, cls, prefix, _doc(r)), r))
+            prefix = prefix_class(r.filename) if r.class_name is None and guess_prefix else None
+            batch.append(((r.filename, r.split, r.source, r.class_name, prefix, _doc(r)), r))
             if len(batch) >= _BATCH:
-                self._insert(batch)
+                self._insert(insert, batch, self._repeat)
                 batch = []
-        self._insert(batch)
+        self._insert(insert, batch, self._repeat)
+        if src.labels is not None:  # a labels-file class where the record names none
+            self.db.execute(
+                "UPDATE records SET cls = (SELECT l.cls FROM labels l WHERE l.filename = records.filename) "
+                "WHERE cls IS NULL"
+            )
 
-    def _insert(self, batch: list[tuple[tuple, RawRecord]]) -> None:
-        """Insert a batch in one call; when a file name repeats in it, row by row (merging or refusing repeats)."""
-        insert = "INSERT INTO records (filename, split, source, cls, prefix, doc) VALUES (?, ?, ?, ?, ?, ?)"
+    def _insert(self, sql: str, batch: list[tuple[tuple, Any]], on_conflict: Callable[[Any], None]) -> None:
+        """Insert a batch in one call; when a unique key repeats in it, row by row, handing each repeat to
+        `on_conflict` (merge it, ignore it or raise)."""
         self.db.execute("SAVEPOINT batch")
         try:
-            self.db.executemany(insert, [row for row, _ in batch])
+            self.db.executemany(sql, [row for row, _ in batch])
         except sqlite3.IntegrityError:
             self.db.execute("ROLLBACK TO batch")
-            for row, r in batch:
+            for row, item in batch:
                 try:
-                    self.db.execute(insert, row)
+                    self.db.execute(sql, row)
                 except sqlite3.IntegrityError:
-                    self._repeat(r)
+                    on_conflict(item)
         self.db.execute("RELEASE batch")
 
     def _repeat(self, r: RawRecord) -> None:
@@ -238,6 +256,12 @@ class SampleIndex:
             name=self.name, format=src.format, root=src.root, image_root=src.image_root,
             classes=list(self.classes), samples=samples, quarantine=quarantine,
         )  # fmt: skip
+
+
+def _chunks(items: Iterator[Any] | Any, size: int = 0) -> Iterator[list[Any]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size or _BATCH)):
+        yield chunk
 
 
 def _doc(r: RawRecord) -> str:

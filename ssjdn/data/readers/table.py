@@ -16,12 +16,12 @@ import csv
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ssjdn.data.errors import DatasetFormatError
-from ssjdn.data.readers.common import RawRecord, is_url, read_text
+from ssjdn.data.readers.common import RawRecord, is_url, open_text, strict_utf8
 
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_path", "filename", "file", "path", "url", "image_url")
 LIST_CAPTION_COLUMNS = ("captions", "sentences")
@@ -107,8 +107,8 @@ def _columns(path: Path) -> dict[str, str]:
     """{lower-case name: name as written} of every column (JSONL: the union over all rows, first seen first)."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with _open_text(path) as f:
-            header = next(_strict(path, csv.reader(f)), None)
+        with open_text(path) as f:
+            header = next(strict_utf8(path, csv.reader(f)), None)
         return {c.lower(): c for c in header or []}
     if suffix == ".parquet":
         return {c.lower(): c for c in _parquet(path).schema_arrow.names}
@@ -122,15 +122,15 @@ def _columns(path: Path) -> dict[str, str]:
 def _iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with _open_text(path) as f:
+        with open_text(path) as f:
             reader = csv.DictReader(f)
-            for row in _strict(path, reader):
+            for row in strict_utf8(path, reader):
                 if None in row:
                     raise DatasetFormatError(f"{path}: line {reader.line_num}: more cells than header columns")
                 yield f"line {reader.line_num}", row
     elif suffix == ".jsonl":
-        with _open_text(path) as f:
-            for i, line in enumerate(_strict(path, f), start=1):
+        with open_text(path) as f:
+            for i, line in enumerate(strict_utf8(path, f), start=1):
                 if not line.strip():
                     continue
                 try:
@@ -155,19 +155,6 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             raise DatasetFormatError(f"{path}: unreadable Parquet file: {exc}") from None
     else:
         raise DatasetFormatError(f"{path}: unsupported table type {suffix!r}; expected .csv, .jsonl or .parquet")
-
-
-def _open_text(path: Path):
-    return open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 - callers close it
-
-
-def _strict(path: Path, lines: Iterable[Any]) -> Iterator[Any]:
-    """Pass `lines` through; on invalid UTF-8 re-read the file once for an error naming the byte offset and line."""
-    try:
-        yield from lines
-    except UnicodeDecodeError:
-        read_text(path)  # raises DatasetFormatError with the exact position
-        raise
 
 
 def _parquet(path: Path):
