@@ -163,3 +163,40 @@ def test_endpoint_lost_mid_run_fails_clearly_and_a_rerun_completes(ucm_dir, s3_b
     assert again.skipped >= 3 and again.written + again.skipped == 11
     back = read_back(dest, options)
     assert_exactly_the_input(back, load_dataset(ucm_dir).by_split("val"))
+
+
+def test_images_on_s3_listed_in_a_table_shard_byte_identical_and_missing_ones_are_quarantined(s3_bucket, tmp_path):
+    """A users' archive whose images live on S3 (a CSV of s3:// URLs): sizes come from one listing per folder,
+    images are read by the writer's threads, a listed image missing from the bucket is quarantined by name."""
+    import csv
+
+    from ssjdn.data.synthetic import generate_synthetic
+
+    fs, _ = get_fs(f"s3://{s3_bucket}")
+    ds = load_dataset(generate_synthetic(tmp_path / "syn", n_per_class=4, size=48, seed=3))
+    rows = []
+    for s in ds.samples[:24]:
+        url = f"s3://{s3_bucket}/archive/{s.split}/{Path(s.source).name}"
+        fs.pipe(url, Path(s.source).read_bytes())
+        rows.append({"image": url, "caption": s.captions[0], "split": s.split, "label": s.class_name})
+    missing = f"s3://{s3_bucket}/archive/train/never_uploaded.png"
+    rows.append({"image": missing, "caption": "a field", "split": "train", "label": "field"})
+    table = tmp_path / "archive" / "items.csv"
+    table.parent.mkdir()
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    dest = tmp_path / "shards"
+    result = sharding.shard_dataset(table, str(dest), maxcount=5, max_bad_fraction=0.1, progress=False)
+    m = result.manifest
+    assert (m["totals"]["samples"], m["totals"]["bad"], m["totals"]["listed"]) == (24, 1, 25)
+    report = (dest / "_quarantine" / "report.jsonl").read_text()
+    assert "never_uploaded.png" in report and "image file not found" in report
+    back = read_back(str(dest))
+    by_url = {r["image"]: r for r in rows}
+    assert len(back) == 24
+    for sample in back.values():
+        url = sample["meta"]["source"]
+        assert sample["image"] == fs.cat(url) and sample["meta"]["captions"] == [by_url[url]["caption"]]
