@@ -21,6 +21,7 @@ from typing import Any
 
 from pipelines.storage import (
     get_fs,
+    protocol_of,
     with_retries,
 )
 from ssjdn.data.record import Sample
@@ -296,7 +297,7 @@ class SourceStat:
         self._listings: dict[str, tuple[Any, dict[str, Any]]] = {}
 
     def __call__(self, source: str) -> tuple[int, float | str | None] | None:
-        if "://" not in source or source.startswith("file://"):
+        if protocol_of(source) == "file":
             try:
                 st = os.stat(source.removeprefix("file://"))
             except OSError:
@@ -345,8 +346,7 @@ class _PlanWriter:
         self._start()
 
     def add(self, meta: dict[str, Any], size: int, mtime: float | str | None) -> None:
-        line = json.dumps([meta, size, mtime], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        line = line.encode("utf-8") + b"\n"
+        line = _canonical([meta, size, mtime]) + b"\n"
         # Tar bytes of the sample: headers + padded members; the json member is over-estimated by an allowance
         # for the image fields the writer adds. Exact for the image unless it is resized or re-encoded.
         est = _padded(size) + _padded(len(line) + 600) + _padded(len(meta["captions"][0].encode()))

@@ -2,8 +2,8 @@
 
 Runs in worker processes (or a thread of the parent); everything it needs comes in a picklable `ShardJob` and
 `WriteContext`. Per sample the hot path is: one read of the file, one header parse plus a structural check (or
-one decode with `validate="full"`), one json dump, and one write plus one hash update of the sample's tar bytes
-(those two in a background thread).
+one decode with `validate="full"`), one json dump, and one hand-over of the sample's tar parts to
+`HashingWriter` (which hashes and writes them in two background threads).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from pipelines.storage import (
     get_fs,
     is_local,
     json_bytes,
+    protocol_of,
     read_json,
     remove_quietly,
     safe_join,
@@ -159,7 +160,7 @@ def _hint_reads(planned: list) -> None:
 def _pool_threads(planned: list, options: ShardOptions) -> int:
     """Threads that prepare samples ahead of the writer: 0 (this thread does it), one per core where Pillow
     decodes (without the GIL), NETWORK_THREADS for remote sources (reads wait on the network)."""
-    if any("://" in meta["source"] and not meta["source"].startswith("file://") for meta, _, _ in planned):
+    if any(protocol_of(meta["source"]) != "file" for meta, _, _ in planned):
         return NETWORK_THREADS
     if options.validate == "full" or options.resize or options.reencode:
         return min(NETWORK_THREADS, os.cpu_count() or 1)
@@ -308,7 +309,7 @@ def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
     try:
         # We open and close the stream ourselves: on S3 the object only exists once close() returns.
-        # Hashing and writing happen in HashingWriter's thread while this one reads and checks the next sample.
+        # Hashing and writing happen in HashingWriter's threads while this one reads and checks the next sample.
         with (open(tmp, "wb") if is_local(fs) else fs.open(tmp, "wb")) as raw, HashingWriter(raw) as out:
             tar = TarStream(out)
             for meta, prepared in _prepared(job.planned(), ctx.options, dataset):

@@ -277,13 +277,7 @@ class HashingWriter:
                     self._error = exc
 
     def write(self, data) -> int:
-        if self._error is not None:
-            raise self._error
-        self._batch.append(data)
-        self._batched += len(data)
-        self.size += len(data)
-        if self._batched >= self.batch_bytes:
-            self._send()
+        self.writelines((data,))
         return len(data)
 
     def writelines(self, parts) -> None:

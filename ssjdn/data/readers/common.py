@@ -1,5 +1,5 @@
-"""Shared reader plumbing: strict text decoding, safe relative names, class labels, and turning the raw records
-of any format into a checked `Dataset` (splits, duplicates, empty captions, keys)."""
+"""Shared reader plumbing: the raw record every reader yields, strict text decoding, safe relative names and
+class labels (file-name prefixes, labels.csv). Checking records into a `Dataset` is `index.SampleIndex`'s job."""
 
 from __future__ import annotations
 
