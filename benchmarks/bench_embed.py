@@ -39,7 +39,7 @@ GOAL_RATIO = 0.9
 
 
 def source_shards(work: Path) -> Path:
-    from pipelines.shard import shard_dataset
+    from pipelines.shard.job import shard_dataset
 
     data = UCM
     if not (UCM / "dataset.json").exists():
@@ -99,9 +99,9 @@ def checkpoint(path: str | None, work: Path) -> str:
 def plain_loop(archive: Path, ckpt: str, batch_size: int, out: Path) -> int:
     import pyarrow.parquet as pq
 
-    from pipelines.encoders import read_checkpoint, restore_encoders
-    from pipelines.shards_read import open_shards
-    from pipelines.store import build_table
+    from pipelines.embed.encoders import read_checkpoint, restore_encoders
+    from pipelines.shard.read import open_shards
+    from pipelines.store.store import build_table
     from ssjdn.data.images import decode_image
 
     blob = read_checkpoint(ckpt)
@@ -117,8 +117,14 @@ def plain_loop(archive: Path, ckpt: str, batch_size: int, out: Path) -> int:
     if pixels:
         embs.append(enc.encode_pixels(np.stack(pixels)))
     emb = np.concatenate(embs)
-    cols = {"key": keys, "source": keys, "split": [None] * len(keys), "class": [None] * len(keys),
-            "lat": [None] * len(keys), "lon": [None] * len(keys)}  # fmt: skip
+    cols = {
+        "key": keys,
+        "source": keys,
+        "split": [None] * len(keys),
+        "class": [None] * len(keys),
+        "lat": [None] * len(keys),
+        "lon": [None] * len(keys),
+    }
     pq.write_table(build_table("images", cols, emb, dim=enc.dim, model_id=blob.model_id), out)
     return len(keys)
 
@@ -156,7 +162,7 @@ class PeakPSS:
 
 
 def ray_job(archive: Path, store: Path, ckpt: str, batch_size: int) -> tuple[float, int, int, float]:
-    from pipelines.embed import embed_archive
+    from pipelines.embed.job import embed_archive
 
     with PeakPSS() as mem:
         t = time.perf_counter()
@@ -199,31 +205,43 @@ def main() -> None:
 
         # Ray runs its workers at niceness 15 by default; the plain loop runs at 0. On a machine shared with
         # other work that would measure the neighbours, not Ray: give both the same priority.
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, log_to_driver=False,
-                 _system_config={"worker_niceness": 0})  # fmt: skip
-        ray_runs = {name: ray_job(archive, work / f"store-{name}", ckpt, args.batch_size)
-                    for name, archive in (("small", small), ("large", large))}  # fmt: skip
+        ray.init(
+            num_cpus=max(4, 2 * (os.cpu_count() or 1)),
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config={"worker_niceness": 0},
+        )
+        ray_runs = {
+            name: ray_job(archive, work / f"store-{name}", ckpt, args.batch_size)
+            for name, archive in (("small", small), ("large", large))
+        }
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nembedding throughput (batch {args.batch_size}, {os.cpu_count()} cores, load average before: "
-          f"{load_before:.1f})")  # fmt: skip
+    print(
+        f"\nembedding throughput (batch {args.batch_size}, {os.cpu_count()} cores, load average before: "
+        f"{load_before:.1f})"
+    )
     for name in ("small", "large"):
         plain_s, n, plain_peak = plain[name]
         ray_s, n_ray, ray_peak, first_s = ray_runs[name]
         assert n == n_ray, (n, n_ray)
         ratio = (n / ray_s) / (n / plain_s)
         steady = (n / (ray_s - first_s)) / (n / plain_s) if first_s else float("nan")
-        print(f"  {n:6d} images: plain loop {plain_s:7.1f} s ({n / plain_s:6.1f}/s, peak PSS {plain_peak / 2**20:5.0f} MiB)"
-              f" | Ray Data {ray_s:7.1f} s ({n / ray_s:6.1f}/s, first result after {first_s:4.1f} s, peak PSS "
-              f"{ray_peak / 2**20:5.0f} MiB) | ratio {ratio:.2f} end to end, {steady:.2f} after start-up"
-              f"   goal >= {GOAL_RATIO}: {'OK' if ratio >= GOAL_RATIO else 'MISSED'}")  # fmt: skip
+        print(
+            f"  {n:6d} images: plain loop {plain_s:7.1f} s ({n / plain_s:6.1f}/s, peak PSS {plain_peak / 2**20:5.0f} MiB)"
+            f" | Ray Data {ray_s:7.1f} s ({n / ray_s:6.1f}/s, first result after {first_s:4.1f} s, peak PSS "
+            f"{ray_peak / 2**20:5.0f} MiB) | ratio {ratio:.2f} end to end, {steady:.2f} after start-up"
+            f"   goal >= {GOAL_RATIO}: {'OK' if ratio >= GOAL_RATIO else 'MISSED'}"
+        )
     (_, n_s, peak_s, _), (_, n_l, peak_l, _) = ray_runs["small"], ray_runs["large"]
     growth = peak_l / peak_s
-    print(f"\nRay job peak memory (driver + every Ray process, PSS): {n_s} images {peak_s / 2**20:.0f} MiB, "
-          f"{n_l} images {peak_l / 2**20:.0f} MiB -> x{growth:.2f} for x{n_l / n_s:.0f} images "
-          f"({'flat' if growth < 1.25 else 'NOT flat'})")  # fmt: skip
+    print(
+        f"\nRay job peak memory (driver + every Ray process, PSS): {n_s} images {peak_s / 2**20:.0f} MiB, "
+        f"{n_l} images {peak_l / 2**20:.0f} MiB -> x{growth:.2f} for x{n_l / n_s:.0f} images "
+        f"({'flat' if growth < 1.25 else 'NOT flat'})"
+    )
 
 
 if __name__ == "__main__":

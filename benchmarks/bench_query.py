@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.ann import build_ann
-from pipelines.flat import build_cache
-from pipelines.query import exact_topk
-from pipelines.store import EmbeddingStore, VersionWriter, build_table
+from pipelines.search.ann import build_ann
+from pipelines.search.matrix_cache import build_cache
+from pipelines.search.query import exact_topk
+from pipelines.store.store import EmbeddingStore, VersionWriter, build_table
 
 GOALS = {"exact_s": 1.0, "ann_s": 0.020, "recall": 0.95}
 
@@ -52,15 +52,25 @@ class Generator:
 def write_store(url: str, gen: Generator, n: int, unit_rows: int) -> tuple[EmbeddingStore, str]:
     store = EmbeddingStore(url)
     model_id = "b" * 64
-    writer = VersionWriter(store, model_id, {"dim": gen.dim, "dtype": "float32", "config": "synthetic"},
-                           max_rows_per_file=unit_rows)  # fmt: skip
+    writer = VersionWriter(
+        store,
+        model_id,
+        {"dim": gen.dim, "dtype": "float32", "config": "synthetic"},
+        max_rows_per_file=unit_rows,
+    )
     rng = np.random.default_rng(1)
     classes = [f"class_{i:02d}" for i in range(21)]
     for u, start in enumerate(range(0, n, unit_rows)):
         m = min(unit_rows, n - start)
         keys = [f"syn__{i:08d}" for i in range(start, start + m)]
-        cols = {"key": keys, "source": [f"synthetic://{k}" for k in keys], "split": ["test"] * m,
-                "class": [classes[i % 21] for i in range(start, start + m)], "lat": [None] * m, "lon": [None] * m}  # fmt: skip
+        cols = {
+            "key": keys,
+            "source": [f"synthetic://{k}" for k in keys],
+            "split": ["test"] * m,
+            "class": [classes[i % 21] for i in range(start, start + m)],
+            "lat": [None] * m,
+            "lon": [None] * m,
+        }
         table = build_table("images", cols, gen.sample(m, rng), dim=gen.dim, model_id=model_id)
         writer.stage({"id": f"unit-{u:04d}", "kind": "synthetic", "bad": []}, {"images": table})
         writer.commit()
@@ -84,7 +94,9 @@ def main() -> None:
     )
     p.add_argument("--dir", default=None, help="where to write the store (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
-    p.add_argument("--no-ann", action="store_true", help="exact search only (the ANN build takes most of the run)")
+    p.add_argument(
+        "--no-ann", action="store_true", help="exact search only (the ANN build takes most of the run)"
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -93,8 +105,10 @@ def main() -> None:
     t0 = time.perf_counter()
     store, mid = write_store(str(root / "store"), gen, args.n, args.unit_rows)
     manifest = store.manifest(mid)
-    print(f"wrote {args.n} x {args.dim} float32 embeddings in {len(manifest.files)} files "
-          f"({time.perf_counter() - t0:.1f}s) under {root}")  # fmt: skip
+    print(
+        f"wrote {args.n} x {args.dim} float32 embeddings in {len(manifest.files)} files "
+        f"({time.perf_counter() - t0:.1f}s) under {root}"
+    )
     queries = gen.sample(args.queries, np.random.default_rng(99))
     try:
         # exact, streaming over Parquet (what `ssjdn query` does per call); first call warms the page cache
@@ -133,21 +147,31 @@ def main() -> None:
 
     (s50, s95), (f50, f95) = pct(stream_t), pct(flat_t)
     ok = lambda cond: "OK" if cond else "MISSED"  # noqa: E731
-    print(f"\nquery latency, {args.n:,} x {args.dim}-d, k={args.k} ({len(queries)} queries; "
-          f"{len(stream_t)} for streaming exact)")  # fmt: skip
-    print(f"  exact, cached (default)    p50 {f50 * 1e3:8.1f} ms   p95 {f95 * 1e3:8.1f} ms   "
-          f"goal < {GOALS['exact_s'] * 1e3:.0f} ms: {ok(f95 < GOALS['exact_s'])}   (cache build {load_s:.1f}s, once)")  # fmt: skip
-    print(f"  exact, Parquet scan        p50 {s50 * 1e3:8.1f} ms   p95 {s95 * 1e3:8.1f} ms   "
-          f"(--no-cache; every query decodes the whole table)")  # fmt: skip
+    print(
+        f"\nquery latency, {args.n:,} x {args.dim}-d, k={args.k} ({len(queries)} queries; "
+        f"{len(stream_t)} for streaming exact)"
+    )
+    print(
+        f"  exact, cached (default)    p50 {f50 * 1e3:8.1f} ms   p95 {f95 * 1e3:8.1f} ms   "
+        f"goal < {GOALS['exact_s'] * 1e3:.0f} ms: {ok(f95 < GOALS['exact_s'])}   (cache build {load_s:.1f}s, once)"
+    )
+    print(
+        f"  exact, Parquet scan        p50 {s50 * 1e3:8.1f} ms   p95 {s95 * 1e3:8.1f} ms   "
+        f"(--no-cache; every query decodes the whole table)"
+    )
     if ann is None:
         print(f"  ratio p50 Parquet scan / cached exact: {s50 / f50:.1f}x   (ANN skipped: --no-ann)")
         return
     a50, a95 = pct(ann_t)
-    print(f"  ANN (usearch HNSW f16)     p50 {a50 * 1e3:8.2f} ms   p95 {a95 * 1e3:8.2f} ms   "
-          f"goal < {GOALS['ann_s'] * 1e3:.0f} ms: {ok(a95 < GOALS['ann_s'])}   (build {build_s:.0f}s)")  # fmt: skip
-    print(f"  ANN recall@{args.k} vs exact      {recall:.3f} on these queries "
-          f"({ann.meta[f'recall@{args.k}']:.3f} at build, {ann.meta['recall_query_kind']})   "
-          f"goal >= {GOALS['recall']}: {ok(recall >= GOALS['recall'])}")  # fmt: skip
+    print(
+        f"  ANN (usearch HNSW f16)     p50 {a50 * 1e3:8.2f} ms   p95 {a95 * 1e3:8.2f} ms   "
+        f"goal < {GOALS['ann_s'] * 1e3:.0f} ms: {ok(a95 < GOALS['ann_s'])}   (build {build_s:.0f}s)"
+    )
+    print(
+        f"  ANN recall@{args.k} vs exact      {recall:.3f} on these queries "
+        f"({ann.meta[f'recall@{args.k}']:.3f} at build, {ann.meta['recall_query_kind']})   "
+        f"goal >= {GOALS['recall']}: {ok(recall >= GOALS['recall'])}"
+    )
     print(f"  ratio p50 Parquet scan / cached exact: {s50 / f50:.1f}x; cached exact / ANN: {f50 / a50:.0f}x")
 
 

@@ -102,14 +102,16 @@ class _WorkerStarts(logging.Handler):
 
 
 def time_shard(data: Path, scratch: Path, workers: int, validate: str) -> tuple[Clock, dict, int]:
-    from pipelines.shard import shard_dataset
+    from pipelines.shard.job import shard_dataset
 
     dest = scratch / f"shards-{validate}"
     logger, starts = logging.getLogger("pipelines.shard"), _WorkerStarts()
     level, logger.level = logger.level, logging.DEBUG
     logger.addHandler(starts)
     try:
-        with Clock() as clock:  # worker processes (if any) have exited when shard_dataset returns: CPU counted
+        with (
+            Clock() as clock
+        ):  # worker processes (if any) have exited when shard_dataset returns: CPU counted
             result = shard_dataset(data, str(dest), workers=workers, validate=validate, progress=False)
     finally:
         logger.removeHandler(starts)
@@ -120,7 +122,7 @@ def time_shard(data: Path, scratch: Path, workers: int, validate: str) -> tuple[
 
 def time_plan(data: Path, scratch: Path) -> Clock:
     """Reading the dataset description and planning the shards (stat every file; no image is read)."""
-    from pipelines.shard import plan_shards
+    from pipelines.shard.plan import plan_shards
 
     with Clock() as clock:
         plan_shards(data, str(scratch / "plan-only"))
@@ -153,7 +155,9 @@ def make_repeated_dataset(data: Path, out: Path, times: int) -> Path:
     labels = data / "labels.csv"
     if labels.exists():  # the labels file grows with the dataset too (UCM's classes)
         header, *rows = labels.read_text().splitlines()
-        (out / "labels.csv").write_text("\n".join([header, *(f"r{r}_{row}" for r in range(times) for row in rows)]) + "\n")
+        (out / "labels.csv").write_text(
+            "\n".join([header, *(f"r{r}_{row}" for r in range(times) for row in rows)]) + "\n"
+        )
     return out
 
 
@@ -190,7 +194,9 @@ def peak_tree_rss(cmd: list[str], log: Path) -> tuple[int, int, int, float]:
     return peak_tree, peak_parent, peak_child, time.perf_counter() - t0
 
 
-def compare_with_tar(data: Path, scratch: Path, workers: int, repeat: int, label: str, cold: bool = False) -> int:
+def compare_with_tar(
+    data: Path, scratch: Path, workers: int, repeat: int, label: str, cold: bool = False
+) -> int:
     """Throughput of `tar -cf` and of sharding (both validation levels) on `data`, printed side by side;
     returns the number of images. `cold`: every command starts with the dataset evicted from the page cache."""
     files = _image_files(data)
@@ -234,7 +240,9 @@ def compare_with_tar(data: Path, scratch: Path, workers: int, repeat: int, label
     ]
     for row_label, k in rows:
         t = best[k]
-        print(f"{row_label:{width}}{t:9.2f}{n / t:12.0f}{nbytes / 1e6 / t:9.1f}{best['tar'] / t:8.3f}{cpu[k]:8.2f}")
+        print(
+            f"{row_label:{width}}{t:9.2f}{n / t:12.0f}{nbytes / 1e6 / t:9.1f}{best['tar'] / t:8.3f}{cpu[k]:8.2f}"
+        )
     for level in levels:
         spread = ", ".join(f"{c.wall:.2f}" for c in runs[level])
         print(
@@ -252,8 +260,17 @@ def measure_memory(data: Path, scratch: Path, n: int, scales: list[int], workers
         ds = data if scale == 1 else make_repeated_dataset(data, scratch / f"big{scale}", scale)
         for w in sorted({1, workers}):
             dest = scratch / "mem-out"
-            cmd = [sys.executable, "-m", "pipelines.cli", "shard", str(ds), str(dest), "--no-progress",
-                   "--workers", str(w)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "ssjdn_cli.main",
+                "shard",
+                str(ds),
+                str(dest),
+                "--no-progress",
+                "--workers",
+                str(w),
+            ]
             runs.append((scale, w, *peak_tree_rss(cmd, scratch / "mem.log")))
             shutil.rmtree(dest)
     print(f"\n{'peak RSS, MB (--validate structure)':40}{'tree':>9}{'parent':>9}{'worker':>9}{'seconds':>9}")
@@ -263,7 +280,9 @@ def measure_memory(data: Path, scratch: Path, n: int, scales: list[int], workers
         print(f"{label:40}{tree / 2**20:9.0f}{parent / 2**20:9.0f}{worker}{secs:9.1f}")
     one = {scale: parent for scale, w, _, parent, _, _ in runs if w == 1}
     for scale in scales:
-        print(f"peak memory ratio {scale}x / 1x, one writer process: {one[scale] / one[1]:.2f}  (goal: flat, ~1.0)")
+        print(
+            f"peak memory ratio {scale}x / 1x, one writer process: {one[scale] / one[1]:.2f}  (goal: flat, ~1.0)"
+        )
     # Worker processes start only when the work outlasts their start-up: a small run stays one process, so the
     # tree of a large run is larger by the workers' own (flat) footprint, not by the dataset.
 
@@ -273,11 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--scale", type=int, nargs="+", default=[10], help="memory runs: these many times the dataset")
+    ap.add_argument(
+        "--scale", type=int, nargs="+", default=[10], help="memory runs: these many times the dataset"
+    )
     ap.add_argument("--scratch", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-cold", action="store_true", help="skip the comparison from a cold page cache")
-    ap.add_argument("--tiles", type=int, default=100, help="also compare on this many large generated tiles (0: skip)")
+    ap.add_argument(
+        "--tiles", type=int, default=100, help="also compare on this many large generated tiles (0: skip)"
+    )
     ap.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels (uncompressed RGB TIFF)")
     args = ap.parse_args(argv)
     if not (args.data / "dataset.json").exists():
@@ -291,10 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiles:
             from ssjdn.data.synthetic import generate_synthetic
 
-            tiles = generate_synthetic(scratch / "tiles", n_per_class=max(1, args.tiles // 10), size=args.tile_size,
-                                       image_format="tif", name="tiles")  # fmt: skip
-            compare_with_tar(tiles, scratch, args.workers, args.repeat,
-                             f"synthetic {args.tile_size}x{args.tile_size} RGB TIFF tiles")  # fmt: skip
+            tiles = generate_synthetic(
+                scratch / "tiles",
+                n_per_class=max(1, args.tiles // 10),
+                size=args.tile_size,
+                image_format="tif",
+                name="tiles",
+            )
+            compare_with_tar(
+                tiles,
+                scratch,
+                args.workers,
+                args.repeat,
+                f"synthetic {args.tile_size}x{args.tile_size} RGB TIFF tiles",
+            )
         if not args.skip_memory:
             measure_memory(args.data, scratch, n, args.scale, args.workers)
     finally:

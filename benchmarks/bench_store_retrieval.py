@@ -39,14 +39,14 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from benchmarks.local_s3 import local_s3
-    from pipelines.cli import main as ssjdn
-    from pipelines.embed import embed_archive
-    from pipelines.encoders import read_checkpoint, restore_encoders
-    from pipelines.query import exact_topk
-    from pipelines.shard import shard_dataset
-    from pipelines.store import EmbeddingStore, embeddings_to_numpy
+    from pipelines.embed.encoders import read_checkpoint, restore_encoders
+    from pipelines.embed.job import embed_archive
+    from pipelines.search.query import exact_topk
+    from pipelines.shard.job import shard_dataset
+    from pipelines.store.store import EmbeddingStore, embeddings_to_numpy
     from ssjdn.data.images import decode_image
     from ssjdn.data.readers import load_dataset
+    from ssjdn_cli.main import main as ssjdn
 
     with local_s3("acceptance") as env:
         endpoint = env["AWS_ENDPOINT_URL"]
@@ -68,11 +68,19 @@ def main() -> None:
         enc = restore_encoders(read_checkpoint(args.checkpoint))
         tf = enc.transform()
         keys = images.column("key").to_pylist()
-        direct = np.concatenate([
-            enc.encode_pixels(np.stack([tf(decode_image(Path(samples[k].source).read_bytes(), k)).numpy()
-                                        for k in keys[i : i + 64]]))
-            for i in range(0, len(keys), 64)
-        ])  # fmt: skip
+        direct = np.concatenate(
+            [
+                enc.encode_pixels(
+                    np.stack(
+                        [
+                            tf(decode_image(Path(samples[k].source).read_bytes(), k)).numpy()
+                            for k in keys[i : i + 64]
+                        ]
+                    )
+                )
+                for i in range(0, len(keys), 64)
+            ]
+        )
         img_diff = float(np.abs(embeddings_to_numpy(images.column("embedding")) - direct).max())
         cap_text = caps.column("caption").to_pylist()
         cap_diff = float(
@@ -94,9 +102,11 @@ def main() -> None:
         hit = [own[i] in {key_at[(f, r)] for _, f, r in ranked[i]} for i in range(len(own))]
         cls_hit = [cls[own[i]] in {cls[key_at[(f, r)]] for _, f, r in ranked[i]} for i in range(len(own))]
         chance = args.k / len(keys)
-        retrieval = (f"caption -> image, own image in top {args.k}: {100 * np.mean(hit):.1f}% of {len(own)} captions "
-                     f"(chance {100 * chance:.1f}%, x{np.mean(hit) / chance:.1f}); an image of the caption's class in "
-                     f"top {args.k}: {100 * np.mean(cls_hit):.1f}%")  # fmt: skip
+        retrieval = (
+            f"caption -> image, own image in top {args.k}: {100 * np.mean(hit):.1f}% of {len(own)} captions "
+            f"(chance {100 * chance:.1f}%, x{np.mean(hit) / chance:.1f}); an image of the caption's class in "
+            f"top {args.k}: {100 * np.mean(cls_hit):.1f}%"
+        )
         print(retrieval)
 
         for text in (cap_text[0], "many planes parked near a terminal", "a river runs through the forest"):
@@ -105,7 +115,9 @@ def main() -> None:
         out = Path(tempfile.gettempdir()) / "ssjdn-acceptance-hits.html"
         ssjdn(["query", "many planes parked near a terminal", "--store", store_url, "--html", str(out)])
         print(f"\nthumbnail page: {out}")
-        print(f"\nsummary\n{exactness}\n{retrieval}")  # last: `make bench` takes the closing lines as the headline
+        print(
+            f"\nsummary\n{exactness}\n{retrieval}"
+        )  # last: `make bench` takes the closing lines as the headline
 
 
 if __name__ == "__main__":

@@ -84,21 +84,28 @@ def _model(config: str, num_classes: int):
 
 
 def _stream(args, cfg, shards_url: str):
-    from pipelines.shards_read import read_manifest
-    from pipelines.train_data import TrainShardStream, make_loader, shard_refs
+    from pipelines.shard.read import read_manifest
+    from pipelines.train.data import TrainShardStream, make_loader
+    from pipelines.train.spec import shard_refs
     from ssjdn.transforms import ImageTransform
 
     refs = shard_refs(read_manifest(shards_url), shards_url, "train")
-    stream = TrainShardStream(refs, transform=ImageTransform.from_config(cfg.data, train=True), epoch=1, seed=0,
-                              rank=0, shuffle_buffer=args.shuffle_buffer)  # fmt: skip
+    stream = TrainShardStream(
+        refs,
+        transform=ImageTransform.from_config(cfg.data, train=True),
+        epoch=1,
+        seed=0,
+        rank=0,
+        shuffle_buffer=args.shuffle_buffer,
+    )
     return make_loader(stream, args.loader_workers), len(refs)
 
 
 def mode_throughput(args) -> dict:
     import torch
 
-    from pipelines.shards_read import read_manifest
-    from pipelines.train_data import Rebatcher
+    from pipelines.shard.read import read_manifest
+    from pipelines.train.data import Rebatcher
     from ssjdn.batching import collate
     from ssjdn.engine import train_step
 
@@ -124,7 +131,7 @@ def mode_throughput(args) -> dict:
 
 
 def mode_memory(args) -> dict:
-    from pipelines.train_data import Rebatcher
+    from pipelines.train.data import Rebatcher
     from ssjdn.config import load_config
 
     cfg = load_config(args.config, {"model.lsd_cfg.num_classes": 2})
@@ -134,18 +141,41 @@ def mode_memory(args) -> dict:
         rb = Rebatcher(loader, args.batch, lambda items: len(items))
         samples = sum(rb)
         dt = time.perf_counter() - t0
-    return {"mode": "memory-scan", "shards": n_shards, "samples": samples, "bad": len(rb.bad),
-            "seconds": round(dt, 2), "peak_rss_mb": round(rss.peak / 2**20, 1)}  # fmt: skip
+    return {
+        "mode": "memory-scan",
+        "shards": n_shards,
+        "samples": samples,
+        "bad": len(rb.bad),
+        "seconds": round(dt, 2),
+        "peak_rss_mb": round(rss.peak / 2**20, 1),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- driver
 
 
 def _child(mode: str, args, shards: str, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_train_input", "--child", mode, "--shards", shards,
-           "--config", args.config, "--batch", str(args.batch), "--steps", str(args.steps),
-           "--threads", str(args.threads), "--loader-workers", str(args.loader_workers),
-           "--shuffle-buffer", str(args.shuffle_buffer)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_train_input",
+        "--child",
+        mode,
+        "--shards",
+        shards,
+        "--config",
+        args.config,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--loader-workers",
+        str(args.loader_workers),
+        "--shuffle-buffer",
+        str(args.shuffle_buffer),
+    ]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{out.stderr[-3000:]}")
@@ -173,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from benchmarks.local_s3 import local_s3
-    from pipelines.shard import shard_dataset
+    from pipelines.shard.job import shard_dataset
 
     with local_s3("bench-train-input") as env:
         with tempfile.TemporaryDirectory() as tmp:
@@ -188,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.time()
                 m = shard_dataset(data, url, splits=["train"], maxcount=maxcount, progress=False).manifest
                 layouts[label] = url
-                print(f"sharded {m['splits']['train']['samples']} train samples of {data} into "
-                      f"{m['splits']['train']['shards']} shards at {url} ({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
+                print(
+                    f"sharded {m['splits']['train']['samples']} train samples of {data} into "
+                    f"{m['splits']['train']['shards']} shards at {url} ({time.time() - t0:.0f}s)",
+                    flush=True,
+                )
         load0 = os.getloadavg()[0]
         s3 = _child("s3", args, layouts["few"], env)
         mem = _child("memory", args, layouts["few"], env)
@@ -200,13 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     ratio = s3["samples_per_s"] / mem["samples_per_s"]
     rss_ratio = many["peak_rss_mb"] / few["peak_rss_mb"]
     print(json.dumps({"s3": s3, "memory": mem, "few_shards": few, "many_shards": many}, indent=1))
-    print(f"\nconfig {args.config}, batch {args.batch}, {args.steps} timed steps, torch threads {args.threads}, "
-          f"{args.loader_workers} loader worker(s); load average {load0:.1f} -> {load1:.1f}")  # fmt: skip
+    print(
+        f"\nconfig {args.config}, batch {args.batch}, {args.steps} timed steps, torch threads {args.threads}, "
+        f"{args.loader_workers} loader worker(s); load average {load0:.1f} -> {load1:.1f}"
+    )
     print(f"training loop fed from S3 shards : {s3['samples_per_s']:8.2f} samples/s")
     print(f"training loop fed from memory    : {mem['samples_per_s']:8.2f} samples/s")
-    print(f"ratio s3 / memory                : {ratio:8.3f}   (goal >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'})")
-    print(f"peak RSS streaming {few['shards']:>3} shards   : {few['peak_rss_mb']:8.1f} MB ({few['samples']} samples)")
-    print(f"peak RSS streaming {many['shards']:>3} shards   : {many['peak_rss_mb']:8.1f} MB ({many['samples']} samples)")
+    print(
+        f"ratio s3 / memory                : {ratio:8.3f}   (goal >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'})"
+    )
+    print(
+        f"peak RSS streaming {few['shards']:>3} shards   : {few['peak_rss_mb']:8.1f} MB ({few['samples']} samples)"
+    )
+    print(
+        f"peak RSS streaming {many['shards']:>3} shards   : {many['peak_rss_mb']:8.1f} MB ({many['samples']} samples)"
+    )
     print(f"ratio many / few                 : {rss_ratio:8.3f}   (goal: flat, ~1)")
     return 0
 

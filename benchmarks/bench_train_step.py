@@ -25,7 +25,12 @@ VARIANTS = {
     "vsepp": {"model.bsd": False, "model.lsd": False, "loss.name": "triplet", "loss.variant": "hardest"},
 }
 # bert-base-uncased's architecture, built from the offline MiniLM config (no hub access needed for counting).
-BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+BERT_BASE = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+}
 CAPTION = "many buildings and green trees are around a parking lot with some cars"
 
 
@@ -54,7 +59,9 @@ def measure_step(variant: str, steps: int, batch: int) -> dict:
     from ssjdn.tokenization import build_tokenizer
 
     seed_everything(0)
-    cfg = load_config("cpu-small", {**VARIANTS[variant], "model.lsd_cfg.num_classes": 21, "train.batch_size": batch})
+    cfg = load_config(
+        "cpu-small", {**VARIANTS[variant], "model.lsd_cfg.num_classes": 21, "train.batch_size": batch}
+    )
     tok = build_tokenizer(cfg)
     model = build_model(cfg, tok)
     opt, sched = build_optimizer_and_scheduler(model, cfg, total_steps=steps + 2)
@@ -93,7 +100,13 @@ def count_flops(config: str, count_batch: int = 2) -> dict:
 
     over = {"model.lsd_cfg.num_classes": 21, "model.image.pretrained": False}
     if load_config(config).model.text.kind == "bert":
-        over.update({"model.text.name": MINILM, "model.text.pretrained": False, "model.text.config_overrides": BERT_BASE})
+        over.update(
+            {
+                "model.text.name": MINILM,
+                "model.text.pretrained": False,
+                "model.text.config_overrides": BERT_BASE,
+            }
+        )
     cfg = load_config(config, over)
     tok = build_tokenizer(cfg)
     model = build_model(cfg, tok, pretrained=False)
@@ -140,30 +153,52 @@ def main(argv: list[str] | None = None) -> int:
     for variant in VARIANTS:
         load = os.getloadavg()[0]
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.bench_train_step", "--_one", variant, "--steps", str(args.steps),
-             "--batch", str(args.batch)],
-            capture_output=True, text=True, env=env, check=True,
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_train_step",
+                "--_one",
+                variant,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
         )
         results[variant] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_avg_1m_at_start": load}
-    print(f"cpu-small train step on CPU, batch {args.batch}, {args.steps} timed steps, "
-          f"{os.cpu_count()} cores, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}")
-    print(f"{'variant':8} {'step s (median)':>16} {'mean':>7} {'cpu s/step':>10} {'samples/s':>9} "
-          f"{'peak RSS MB':>11} {'params M':>8} {'load':>5}")
+    print(
+        f"cpu-small train step on CPU, batch {args.batch}, {args.steps} timed steps, "
+        f"{os.cpu_count()} cores, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}"
+    )
+    print(
+        f"{'variant':8} {'step s (median)':>16} {'mean':>7} {'cpu s/step':>10} {'samples/s':>9} "
+        f"{'peak RSS MB':>11} {'params M':>8} {'load':>5}"
+    )
     for r in results.values():
-        print(f"{r['variant']:8} {r['step_s_median']:16.3f} {r['step_s_mean']:7.3f} {r['cpu_s_per_step']:10.3f} "
-              f"{r['samples_per_s']:9.1f} {r['peak_rss_mb']:11.0f} {r['params_m']:8.2f} {r['load_avg_1m_at_start']:5.1f}")
+        print(
+            f"{r['variant']:8} {r['step_s_median']:16.3f} {r['step_s_mean']:7.3f} {r['cpu_s_per_step']:10.3f} "
+            f"{r['samples_per_s']:9.1f} {r['peak_rss_mb']:11.0f} {r['params_m']:8.2f} {r['load_avg_1m_at_start']:5.1f}"
+        )
     full, base = results["full"], results["vsepp"]
-    print(f"ratio full / vsepp: step time {full['step_s_median'] / base['step_s_median']:.2f}x, "
-          f"cpu time {full['cpu_s_per_step'] / base['cpu_s_per_step']:.2f}x, "
-          f"peak RSS {full['peak_rss_mb'] / base['peak_rss_mb']:.2f}x")
+    print(
+        f"ratio full / vsepp: step time {full['step_s_median'] / base['step_s_median']:.2f}x, "
+        f"cpu time {full['cpu_s_per_step'] / base['cpu_s_per_step']:.2f}x, "
+        f"peak RSS {full['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"
+    )
     out = {"step": results}
     if not args.no_flops:
         f = count_flops(args.flops_config)
         out["flops"] = f
-        print(f"FLOPs, full SSJDN config '{f['config']}' ({f['image']}; {f['text']}), {f['params_m']:.1f}M params: "
-              f"forward {f['fwd_gflops_per_sample']:.1f} GFLOP/sample, forward+backward "
-              f"{f['fwd_bwd_gflops_per_sample']:.1f} GFLOP/sample = {f['fwd_bwd_tflops_per_step']:.2f} TFLOP "
-              f"per step of batch {f['batch']}")
+        print(
+            f"FLOPs, full SSJDN config '{f['config']}' ({f['image']}; {f['text']}), {f['params_m']:.1f}M params: "
+            f"forward {f['fwd_gflops_per_sample']:.1f} GFLOP/sample, forward+backward "
+            f"{f['fwd_bwd_gflops_per_sample']:.1f} GFLOP/sample = {f['fwd_bwd_tflops_per_step']:.2f} TFLOP "
+            f"per step of batch {f['batch']}"
+        )
     print(json.dumps(out))
     return 0
 

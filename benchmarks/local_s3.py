@@ -1,7 +1,7 @@
 """A throwaway S3 endpoint for benchmarks: a `moto_server` subprocess on 127.0.0.1 with one bucket.
 
-    with local_s3("bucket") as env:   # env: the AWS_* variables (also set in os.environ) for child processes
-        shard_dataset(data, "s3://bucket/prefix")
+with local_s3("bucket") as env:   # env: the AWS_* variables (also set in os.environ) for child processes
+    shard_dataset(data, "s3://bucket/prefix")
 """
 
 from __future__ import annotations
@@ -23,9 +23,16 @@ def _free_port() -> int:
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 @contextlib.contextmanager
@@ -36,8 +43,11 @@ def local_s3(bucket: str) -> Iterator[dict[str, str]]:
 
     endpoint = f"http://127.0.0.1:{_free_port()}"
     port = endpoint.rsplit(":", 1)[1]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", port],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", port],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         os.environ.update(s3_env(endpoint))
         for _ in range(100):

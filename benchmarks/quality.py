@@ -37,8 +37,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "bsd": {"model.bsd": True, "model.lsd": False, "loss.name": "triplet", "loss.variant": "hardest"},
     "lsd": {"model.bsd": False, "model.lsd": True, "loss.name": "triplet", "loss.variant": "hardest"},
     # Without LSD there are no posteriors: STL's agreement must come from the scene labels.
-    "stl": {"model.bsd": False, "model.lsd": False, "loss.name": "stl", "loss.variant": "hardest",
-            "loss.stl.agreement": "labels"},
+    "stl": {
+        "model.bsd": False,
+        "model.lsd": False,
+        "loss.name": "stl",
+        "loss.variant": "hardest",
+        "loss.stl.agreement": "labels",
+    },
     "full": {"model.bsd": True, "model.lsd": True, "loss.name": "stl", "loss.variant": "hardest"},
     # The full model (BSD + LSD) with InfoNCE in place of STL: the contrastive reference on the same network.
     "infonce": {"model.bsd": True, "model.lsd": True, "loss.name": "infonce"},
@@ -46,8 +51,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "lsd_stl": {"model.bsd": False, "model.lsd": True, "loss.name": "stl", "loss.variant": "hardest"},
     # Tried when full did not beat vsepp at a 1-epoch budget: the LSD cross-entropy (~2.7) dwarfs the retrieval
     # loss (~0.47) and, through the global grad clip (2.0), shrinks the retrieval update about 4x. Weight it down.
-    "full_lsdw02": {"model.bsd": True, "model.lsd": True, "loss.name": "stl", "loss.variant": "hardest",
-                    "loss.lsd_weight": 0.2},
+    "full_lsdw02": {
+        "model.bsd": True,
+        "model.lsd": True,
+        "loss.name": "stl",
+        "loss.variant": "hardest",
+        "loss.lsd_weight": 0.2,
+    },
 }
 # The acceptance comparison runs first so it finishes even when the time runs out.
 PRIORITY = ("vsepp", "full")
@@ -85,13 +95,15 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "OMP_NUM_THREADS": str(threads),  # torch's intra-op pool size is read from this at import
-        "MKL_NUM_THREADS": str(threads),
-        "OMP_WAIT_POLICY": "PASSIVE",  # spinning OpenMP threads starve parallel jobs on a shared CPU
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-    })
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(threads),  # torch's intra-op pool size is read from this at import
+            "MKL_NUM_THREADS": str(threads),
+            "OMP_WAIT_POLICY": "PASSIVE",  # spinning OpenMP threads starve parallel jobs on a shared CPU
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     return env
 
 
@@ -108,9 +120,24 @@ def train_one(spec: dict[str, Any], run_dir: Path, threads: int) -> dict[str, An
         log.info("skip %s seed %d: finished (%s)", spec["config"], spec["seed"], done)
         return {**prev, "status": "skipped"}
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pipelines.cli", "train-local", "--config", spec["base_config"],
-           "--data", spec["data"], "--out", str(run_dir), "--epochs", str(spec["epochs"]), "--device", "cpu",
-           "--resume", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ssjdn_cli.main",
+        "train-local",
+        "--config",
+        spec["base_config"],
+        "--data",
+        spec["data"],
+        "--out",
+        str(run_dir),
+        "--epochs",
+        str(spec["epochs"]),
+        "--device",
+        "cpu",
+        "--resume",
+        "--no-progress",
+    ]
     if spec["max_steps_per_epoch"]:
         cmd += ["--max-steps-per-epoch", str(spec["max_steps_per_epoch"])]
     for k, v in spec["overrides"].items():
@@ -118,11 +145,18 @@ def train_one(spec: dict[str, Any], run_dir: Path, threads: int) -> dict[str, An
     log.info("start %s seed %d -> %s", spec["config"], spec["seed"], run_dir)
     t0 = time.time()
     with (run_dir / "train.log").open("a") as logf:
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=_child_env(threads),
-                              cwd=Path(__file__).resolve().parents[1])
+        proc = subprocess.run(
+            cmd,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=_child_env(threads),
+            cwd=Path(__file__).resolve().parents[1],
+        )
     wall = time.time() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{spec['config']} seed {spec['seed']} failed (exit {proc.returncode}): see {run_dir / 'train.log'}")
+        raise RuntimeError(
+            f"{spec['config']} seed {spec['seed']} failed (exit {proc.returncode}): see {run_dir / 'train.log'}"
+        )
     summary = json.loads((run_dir / "summary.json").read_text())
     best = summary.get("best") or {}
     if "test" not in best:
@@ -140,8 +174,14 @@ def train_one(spec: dict[str, Any], run_dir: Path, threads: int) -> dict[str, An
         "out": str(run_dir),
     }
     _write_json_atomic(done, record)
-    log.info("done %s seed %d: test mR %.2f (best val epoch %d, %.0fs)", spec["config"], spec["seed"],
-             record["test"]["mr"], record["best_epoch"], wall)
+    log.info(
+        "done %s seed %d: test mR %.2f (best val epoch %d, %.0fs)",
+        spec["config"],
+        spec["seed"],
+        record["test"]["mr"],
+        record["best_epoch"],
+        wall,
+    )
     return {**record, "status": "trained"}
 
 
@@ -158,7 +198,9 @@ def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, di
         runs = [r for r in records if r["spec"]["config"] == c]
         if not runs:
             continue
-        stats = {k: _mean_std([float(r["test"][k]) for r in runs]) for k in METRIC_KEYS if k in runs[0]["test"]}
+        stats = {
+            k: _mean_std([float(r["test"][k]) for r in runs]) for k in METRIC_KEYS if k in runs[0]["test"]
+        }
         out[c] = {
             "seeds": sorted(r["spec"]["seed"] for r in runs),
             "mean": {k: v[0] for k, v in stats.items()},
@@ -169,11 +211,21 @@ def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, di
 
 
 def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
-    names = {"i2t_r1": "I→T R@1", "i2t_r5": "I→T R@5", "i2t_r10": "I→T R@10", "t2i_r1": "T→I R@1",
-             "t2i_r5": "T→I R@5", "t2i_r10": "T→I R@10", "mr": "mR", "cls_mr": "class mR"}
+    names = {
+        "i2t_r1": "I→T R@1",
+        "i2t_r5": "I→T R@5",
+        "i2t_r10": "I→T R@10",
+        "t2i_r1": "T→I R@1",
+        "t2i_r5": "T→I R@5",
+        "t2i_r10": "T→I R@10",
+        "mr": "mR",
+        "cls_mr": "class mR",
+    }
     cols = [k for k in METRIC_KEYS if any(k in a["mean"] for a in agg.values())]
-    lines = ["| config | seeds | " + " | ".join(names[k] for k in cols) + " | train s/run |",
-             "|---|---|" + "---|" * len(cols) + "---|"]
+    lines = [
+        "| config | seeds | " + " | ".join(names[k] for k in cols) + " | train s/run |",
+        "|---|---|" + "---|" * len(cols) + "---|",
+    ]
     for c, a in agg.items():
         cells = []
         for k in cols:
@@ -183,13 +235,18 @@ def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(out: Path, records: list[dict[str, Any]], configs: list[str], args: argparse.Namespace) -> dict:
+def write_reports(
+    out: Path, records: list[dict[str, Any]], configs: list[str], args: argparse.Namespace
+) -> dict:
     agg = aggregate(records, configs)
     clean = [{k: v for k, v in r.items() if k != "status"} for r in records]
     _write_json_atomic(out / "results.json", {"command": " ".join(sys.argv), "runs": clean, "summary": agg})
-    header = (f"Test split, best-val-mR checkpoint, mean ± sample std over seeds. Base config `{args.base_config}`, "
-              f"{args.epochs} epochs" + (f", ≤{args.max_steps_per_epoch} steps/epoch" if args.max_steps_per_epoch else "")
-              + ".\n\n")
+    header = (
+        f"Test split, best-val-mR checkpoint, mean ± sample std over seeds. Base config `{args.base_config}`, "
+        f"{args.epochs} epochs"
+        + (f", ≤{args.max_steps_per_epoch} steps/epoch" if args.max_steps_per_epoch else "")
+        + ".\n\n"
+    )
     tmp = out / ".results.md.tmp"
     tmp.write_text(header + markdown_table(agg))
     os.replace(tmp, out / "results.md")
@@ -240,7 +297,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             return
         with lock:
             records.append(rec)
-            write_reports(out, records, args.configs, args)  # a partial table survives an interrupted benchmark
+            write_reports(
+                out, records, args.configs, args
+            )  # a partial table survives an interrupted benchmark
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(work, queue))

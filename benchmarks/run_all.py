@@ -34,7 +34,11 @@ def discover(only: list[str] | None) -> list[str]:
 
 def headline(text: str, lines: int = 3) -> str:
     # Summary lines, not the raw JSON records some benchmarks print last.
-    kept = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and not ln.lstrip().startswith(("{", "}"))]
+    kept = [
+        ln.strip()
+        for ln in text.strip().splitlines()
+        if ln.strip() and not ln.lstrip().startswith(("{", "}"))
+    ]
     return " / ".join(kept[-lines:]).replace("|", "\\|")[:400]
 
 
@@ -63,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
         rows.append(f"| {name} | {status} | {seconds:.0f} s | {headline(proc.stdout)} |")
         sections.append(f"## {name}\n\n`python -m benchmarks.{name}`\n\n```\n{proc.stdout.strip()}\n```\n")
-    table = "| benchmark | status | wall time | headline (last lines) |\n|---|---|---:|---|\n" + "\n".join(rows)
+    table = "| benchmark | status | wall time | headline (last lines) |\n|---|---|---:|---|\n" + "\n".join(
+        rows
+    )
     (out / "results.md").write_text(f"# Benchmark results\n\n{table}\n\n" + "\n".join(sections))
     print(f"\nresults table: {out / 'results.md'}")
     return 1 if failed else 0

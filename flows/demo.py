@@ -19,9 +19,10 @@ from prefect.cache_policies import NO_CACHE
 from flows.reindex import reindex_archive
 from flows.shard import shard_dataset_flow
 from flows.train import train_ssjdn
-from pipelines import demo, report
-from pipelines.query import query_store
-from pipelines.storage import get_fs, is_local
+from pipelines.fsio import get_fs, is_local
+from pipelines.report import demo_steps as demo
+from pipelines.report import report
+from pipelines.search.query import query_store
 
 STAGES = 6
 
@@ -42,20 +43,27 @@ def evaluate_task(shards: str, checkpoint: str) -> dict[str, dict[str, float]]:
 
 @task(name="sample-queries", cache_policy=NO_CACHE)
 def queries_task(shards: str, store: str, out_dir: str) -> list[dict[str, Any]]:
-    from pipelines.query_html import thumbnail_uri
+    from pipelines.report.html import thumbnail_uri
 
     picked = demo.pick_queries(shards)
     out = []
     for q in picked["texts"]:
         result = query_store(store, text=q["text"], k=5)
-        out.append({"heading": f"text: “{q['text']}” (caption of {q['key']}, class {q['class']})", "result": result})
+        out.append(
+            {"heading": f"text: “{q['text']}” (caption of {q['key']}, class {q['class']})", "result": result}
+        )
     if picked["image"]:
         img = picked["image"]
         path = Path(out_dir) / f"query-image.{img['ext']}"
         path.write_bytes(img["image"])
         result = query_store(store, image=str(path), k=5)
-        out.append({"heading": f"image: {img['key']} (class {img['class']}); the query image itself should rank first",
-                    "result": result, "query_thumb": thumbnail_uri(img["image"], str(path))})  # fmt: skip
+        out.append(
+            {
+                "heading": f"image: {img['key']} (class {img['class']}); the query image itself should rank first",
+                "result": result,
+                "query_thumb": thumbnail_uri(img["image"], str(path)),
+            }
+        )
     return out
 
 
@@ -82,11 +90,20 @@ def ssjdn_demo(
     embeddings = _store_url(store, "embeddings")
 
     _stage(1, f"sharding {chosen.path} -> {shards}")
-    shard_summary = shard_dataset_flow(dataset=chosen.path, dest=shards, maxcount=demo.shard_size(chosen.path, workers))
+    shard_summary = shard_dataset_flow(
+        dataset=chosen.path, dest=shards, maxcount=demo.shard_size(chosen.path, workers)
+    )
 
     _stage(2, f"training {config} on Ray ({workers} workers, {epochs} epochs) -> {runs}/{name}")
-    train = train_ssjdn(config=config, shards=shards, storage=runs, workers=workers, epochs=epochs, name=name,
-                        overrides=overrides)
+    train = train_ssjdn(
+        config=config,
+        shards=shards,
+        storage=runs,
+        workers=workers,
+        epochs=epochs,
+        name=name,
+        overrides=overrides,
+    )
     best = f"{train['run']}/best/checkpoint.pt"
 
     _stage(3, "evaluating the trained and the untrained model on the test split")
@@ -102,11 +119,17 @@ def ssjdn_demo(
     _stage(6, f"writing the report -> {out_dir}")
     fs, path = get_fs(train["metrics"])
     history = [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
-    curve = report.plot_training_curve(history, train["eval_split"], out_dir / "training_curve.png",
-                                       title=f"{config} on {Path(chosen.path).name} ({'SYNTHETIC' if chosen.synthetic else 'real'})")  # fmt: skip
+    curve = report.plot_training_curve(
+        history,
+        train["eval_split"],
+        out_dir / "training_curve.png",
+        title=f"{config} on {Path(chosen.path).name} ({'SYNTHETIC' if chosen.synthetic else 'real'})",
+    )
     title = f"SSJDN demo: {Path(chosen.path).name}" + (" (SYNTHETIC DATA)" if chosen.synthetic else "")
     table_md = report.results_markdown(results, f"{title}: test split, percent")
-    (out_dir / "results.md").write_text(("**" + demo.SYNTHETIC_NOTE + "**\n\n" if chosen.synthetic else "") + table_md)
+    (out_dir / "results.md").write_text(
+        ("**" + demo.SYNTHETIC_NOTE + "**\n\n" if chosen.synthetic else "") + table_md
+    )
     summary = {
         "data": chosen.label,
         "synthetic": chosen.synthetic,
@@ -121,15 +144,27 @@ def ssjdn_demo(
     }
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     facts = {k: summary[k] for k in ("data", "shards", "run", "checkpoint", "epochs", "embeddings")}
-    page = report.render_report(title=title, data_label=chosen.label, synthetic=chosen.synthetic, results=results,
-                                curve_png=curve.name, queries=queries, summary=facts)  # fmt: skip
+    page = report.render_report(
+        title=title,
+        data_label=chosen.label,
+        synthetic=chosen.synthetic,
+        results=results,
+        curve_png=curve.name,
+        queries=queries,
+        summary=facts,
+    )
     (out_dir / "report.html").write_text(page)
     create_markdown_artifact(key="ssjdn-demo-results", markdown=table_md, description=title)
     store_hint = embeddings if not is_local(embeddings) else str(Path(embeddings.split("://")[-1]))
     logger.info(
         "done. test mR %.2f (untrained %.2f, chance %.2f). Outputs in %s: report.html, results.md, metrics.json, "
-        "training_curve.png. Next: open %s, or query the store: ssjdn query \"a runway with planes\" --store %s",
-        trained["mr"], untrained["mr"], chance["mr"], out_dir, out_dir / "report.html", store_hint,
-    )  # fmt: skip
+        'training_curve.png. Next: open %s, or query the store: ssjdn query "a runway with planes" --store %s',
+        trained["mr"],
+        untrained["mr"],
+        chance["mr"],
+        out_dir,
+        out_dir / "report.html",
+        store_hint,
+    )
     summary["report"] = str(out_dir / "report.html")
     return summary

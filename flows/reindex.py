@@ -16,10 +16,15 @@ from prefect.cache_policies import NO_CACHE
 from flows.retries import retry_on_storage_error
 
 
-@task(name="embed-new-units", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[30, 120],
-      retry_condition_fn=retry_on_storage_error)  # fmt: skip
+@task(
+    name="embed-new-units",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[30, 120],
+    retry_condition_fn=retry_on_storage_error,
+)
 def embed_task(archive_url: str, store_url: str, checkpoint_url: str, **options: Any) -> dict[str, Any]:
-    from pipelines.embed import embed_archive
+    from pipelines.embed.job import embed_archive
 
     logger = get_run_logger()
     report = embed_archive(archive_url, store_url, checkpoint_url, progress=False, **options)
@@ -31,8 +36,8 @@ def embed_task(archive_url: str, store_url: str, checkpoint_url: str, **options:
 
 @task(name="build-ann-index", cache_policy=NO_CACHE)
 def ann_task(store_url: str, model_id: str) -> dict[str, Any]:
-    from pipelines.ann import build_ann
-    from pipelines.store import EmbeddingStore
+    from pipelines.search.ann import build_ann
+    from pipelines.store.store import EmbeddingStore
 
     store = EmbeddingStore(store_url)
     return build_ann(store, store.manifest(model_id)).meta
@@ -84,9 +89,17 @@ def reindex_archive(
     """
     logger = get_run_logger()
     report = embed_task(
-        archive_url, store_url, checkpoint_url, captions=captions, batch_size=batch_size,
-        concurrency=concurrency, gpu=gpu, dtype=dtype, splits=splits, ray_address=ray_address,
-    )  # fmt: skip
+        archive_url,
+        store_url,
+        checkpoint_url,
+        captions=captions,
+        batch_size=batch_size,
+        concurrency=concurrency,
+        gpu=gpu,
+        dtype=dtype,
+        splits=splits,
+        ray_address=ray_address,
+    )
     ann = ann_task(store_url, report["model_id"]) if build_ann and report["images"] else None
     create_markdown_artifact(
         key="reindex-archive-report",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.storage import StorageError, is_storage_error
+from pipelines.fsio import StorageError, is_storage_error
 
 
 def retry_on_storage_error(task, task_run, state) -> bool:

@@ -16,54 +16,85 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from flows.retries import retry_on_storage_error
-from pipelines import shard as sharding
-from pipelines.storage import describe_endpoint
+from pipelines.fsio import describe_endpoint
+from pipelines.shard.job import finalize, prepare_destination, write_shards
+from pipelines.shard.layout import MANIFEST
+from pipelines.shard.plan import ShardJob, ShardOptions, ShardPlan, ShardResult, plan_shards
 
 GROUP_RETRIES = 3
 GROUP_RETRY_BACKOFF_S = 2.0
 
 
-
-@task(name="plan-shards", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(2.0),
-      retry_condition_fn=retry_on_storage_error)  # fmt: skip
-def plan_task(dataset: str, dest: str, overwrite: bool, **kwargs: Any) -> sharding.ShardPlan:
+@task(
+    name="plan-shards",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=exponential_backoff(2.0),
+    retry_condition_fn=retry_on_storage_error,
+)
+def plan_task(dataset: str, dest: str, overwrite: bool, **kwargs: Any) -> ShardPlan:
     logger = get_run_logger()
-    plan = sharding.plan_shards(dataset, dest, **kwargs)
+    plan = plan_shards(dataset, dest, **kwargs)
     logger.info(
         "planned %d shard(s) for %s: %d samples, %.1f MB of images, %d quarantined before reading -> %s",
-        len(plan.jobs), plan.dataset_name, plan.total_samples, plan.input_bytes / 1e6, len(plan.bad),
+        len(plan.jobs),
+        plan.dataset_name,
+        plan.total_samples,
+        plan.input_bytes / 1e6,
+        len(plan.bad),
         describe_endpoint(dest, plan.ctx.storage_options),
-    )  # fmt: skip
-    sharding.prepare_destination(plan, overwrite=overwrite)
+    )
+    prepare_destination(plan, overwrite=overwrite)
     return plan
 
 
-@task(name="write-shard-group", cache_policy=NO_CACHE, retries=GROUP_RETRIES,
-      retry_delay_seconds=exponential_backoff(GROUP_RETRY_BACKOFF_S), retry_condition_fn=retry_on_storage_error)  # fmt: skip
-def write_group_task(plan: sharding.ShardPlan, jobs: list[sharding.ShardJob], label: str) -> list[sharding.ShardResult]:
+@task(
+    name="write-shard-group",
+    cache_policy=NO_CACHE,
+    retries=GROUP_RETRIES,
+    retry_delay_seconds=exponential_backoff(GROUP_RETRY_BACKOFF_S),
+    retry_condition_fn=retry_on_storage_error,
+)
+def write_group_task(plan: ShardPlan, jobs: list[ShardJob], label: str) -> list[ShardResult]:
     logger = get_run_logger()
     logger.info("%s: writing %d shard(s), %d samples", label, len(jobs), sum(j.count for j in jobs))
-    results = sharding.write_shards(plan, jobs, workers=1, progress=False)
+    results = write_shards(plan, jobs, workers=1, progress=False)
     for r in results:
         logger.info(
             "%s: shard %s/%06d %s: %d samples, %d bad, %.1f MB, sha256 %s",
-            label, r.split, r.index, "already committed" if r.skipped else "written",
-            r.samples, len(r.bad), r.bytes / 1e6, r.sha256[:12],
-        )  # fmt: skip
+            label,
+            r.split,
+            r.index,
+            "already committed" if r.skipped else "written",
+            r.samples,
+            len(r.bad),
+            r.bytes / 1e6,
+            r.sha256[:12],
+        )
     return results
 
 
-@task(name="commit-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(2.0),
-      retry_condition_fn=retry_on_storage_error)  # fmt: skip
-def commit_task(plan: sharding.ShardPlan, groups: list[list[sharding.ShardResult]]) -> dict[str, Any]:
+@task(
+    name="commit-manifest",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=exponential_backoff(2.0),
+    retry_condition_fn=retry_on_storage_error,
+)
+def commit_task(plan: ShardPlan, groups: list[list[ShardResult]]) -> dict[str, Any]:
     logger = get_run_logger()
-    manifest = sharding.finalize(plan, [r for g in groups for r in g])
+    manifest = finalize(plan, [r for g in groups for r in g])
     logger.info(
         "committed %s/%s: %d samples (%s), %d captions, %d shard(s), %d bad (report %s)",
-        plan.dest_url.rstrip("/"), sharding.MANIFEST, manifest["totals"]["samples"],
+        plan.dest_url.rstrip("/"),
+        MANIFEST,
+        manifest["totals"]["samples"],
         ", ".join(f"{k} {v['samples']}" for k, v in manifest["splits"].items()),
-        manifest["totals"]["captions"], manifest["totals"]["shards"], manifest["bad"]["count"], manifest["bad"]["report"],
-    )  # fmt: skip
+        manifest["totals"]["captions"],
+        manifest["totals"]["shards"],
+        manifest["bad"]["count"],
+        manifest["bad"]["report"],
+    )
     return manifest
 
 
@@ -97,16 +128,32 @@ def shard_dataset_flow(
     parameters are stored in the Prefect database, so `storage_options` should carry only non-secret settings.
     """
     logger = get_run_logger()
-    options = sharding.ShardOptions(
-        maxcount=maxcount, maxsize=maxsize, shuffle_seed=shuffle_seed, splits=tuple(splits) if splits else None,
-        resize=resize, reencode=reencode, validate=validation, max_bad_fraction=max_bad_fraction,
-    )  # fmt: skip
+    options = ShardOptions(
+        maxcount=maxcount,
+        maxsize=maxsize,
+        shuffle_seed=shuffle_seed,
+        splits=tuple(splits) if splits else None,
+        resize=resize,
+        reencode=reencode,
+        validate=validation,
+        max_bad_fraction=max_bad_fraction,
+    )
     plan = plan_task(
-        dataset, dest, overwrite, format=format, images=images, name=name, options=options,
-        storage_options=storage_options or {}, retries=storage_retries, retry_backoff=1.0,
-    )  # fmt: skip
+        dataset,
+        dest,
+        overwrite,
+        format=format,
+        images=images,
+        name=name,
+        options=options,
+        storage_options=storage_options or {},
+        retries=storage_retries,
+        retry_backoff=1.0,
+    )
     groups = [plan.jobs[i : i + max(1, group_size)] for i in range(0, len(plan.jobs), max(1, group_size))]
-    logger.info("writing %d shard(s) in %d group task(s) of up to %d", len(plan.jobs), len(groups), group_size)
+    logger.info(
+        "writing %d shard(s) in %d group task(s) of up to %d", len(plan.jobs), len(groups), group_size
+    )
     write_group = write_group_task.with_options(
         retries=group_retries, retry_delay_seconds=exponential_backoff(group_retry_backoff_s)
     )
@@ -118,10 +165,12 @@ def shard_dataset_flow(
         results = [f.result() for f in futures]
         manifest = commit_task(plan, results)
     finally:
-        wait(futures)  # no group task still reads the local plan file when it is removed (a re-run plans again)
+        wait(
+            futures
+        )  # no group task still reads the local plan file when it is removed (a re-run plans again)
         plan.close()
     return {
-        "manifest": f"{dest.rstrip('/')}/{sharding.MANIFEST}",
+        "manifest": f"{dest.rstrip('/')}/{MANIFEST}",
         "samples": manifest["totals"]["samples"],
         "captions": manifest["totals"]["captions"],
         "shards": manifest["totals"]["shards"],

@@ -39,7 +39,9 @@ class SFE(nn.Module):
             nn.Conv2d(width, hidden, 3, padding=1, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, 1, 1, bias=False),  # a bias would cancel in the softmax; SGS owns the mask offset
+            nn.Conv2d(
+                hidden, 1, 1, bias=False
+            ),  # a bias would cancel in the softmax; SGS owns the mask offset
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +69,9 @@ class SGS(nn.Module):
 class BSD(nn.Module):
     """Scale maps (fine -> coarse) [B, C, H_s, W_s] -> image embedding [B, D] and the salience maps."""
 
-    def __init__(self, num_scales: int, width: int, embed_dim: int, suppression_init: float, dropout: float) -> None:
+    def __init__(
+        self, num_scales: int, width: int, embed_dim: int, suppression_init: float, dropout: float
+    ) -> None:
         super().__init__()
         if num_scales < 2:
             raise ValueError("BSD needs at least two scales")

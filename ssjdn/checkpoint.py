@@ -24,7 +24,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def checkpoint_payload(
-    *, model, cfg=None, optimizer=None, scheduler=None, step: int = 0, epoch: int = 0, tokenizer=None, extra=None
+    *,
+    model,
+    cfg=None,
+    optimizer=None,
+    scheduler=None,
+    step: int = 0,
+    epoch: int = 0,
+    tokenizer=None,
+    extra=None,
 ) -> dict[str, Any]:
     model = _unwrap(model)
     cfg = cfg if cfg is not None else model.cfg
@@ -68,7 +76,9 @@ def checkpoint_bytes(**parts) -> bytes:
     return buf.getvalue()
 
 
-def load_checkpoint(src: str | os.PathLike | BinaryIO | bytes, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(
+    src: str | os.PathLike | BinaryIO | bytes, map_location: str | torch.device = "cpu"
+) -> dict:
     """Read a checkpoint (path, file object or bytes) safely: `weights_only=True`, format checked."""
     if isinstance(src, (bytes, bytearray)):
         src = io.BytesIO(src)

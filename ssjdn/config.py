@@ -49,7 +49,9 @@ class TextConfig:
     # bert: hub name, local directory, "minilm" (the offline MiniLM package) or "default"
     # ("bert-base-uncased", or "minilm" when HF_HUB_OFFLINE is set and the package is installed).
     name: str = "default"
-    pretrained: bool = True  # false: same architecture (config of `name`, plus `config_overrides`) with random weights
+    pretrained: bool = (
+        True  # false: same architecture (config of `name`, plus `config_overrides`) with random weights
+    )
     config_overrides: dict[str, Any] = field(default_factory=dict)
     pooling: str = "mean"  # mean | cls
     max_length: int = 32

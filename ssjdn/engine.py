@@ -142,7 +142,9 @@ def train_step(
     loss = out["loss"]
     if not torch.isfinite(loss.detach()):
         parts = {k: float(v.detach()) for k, v in out.items()}
-        raise NonFiniteLossError(f"non-finite loss {float(loss.detach())} (parts {parts}); keys {batch.get('keys', [])[:4]}...")
+        raise NonFiniteLossError(
+            f"non-finite loss {float(loss.detach())} (parts {parts}); keys {batch.get('keys', [])[:4]}..."
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -221,7 +223,13 @@ def embed_captions(model, tokenizer, captions: Sequence[str], *, batch_size: int
 
 
 def evaluate(
-    model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, amp: bool = False, ks: Sequence[int] = (1, 5, 10)
+    model,
+    tokenizer,
+    eval_set: EvalSet,
+    *,
+    batch_size: int = 256,
+    amp: bool = False,
+    ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
     """Embed the eval set and compute `ssjdn.metrics` retrieval metrics (plus class-level recall when known)."""
     was_training = _unwrap(model).training

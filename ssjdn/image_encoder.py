@@ -47,7 +47,9 @@ class ImageEncoder(nn.Module):
         image_cfg = cfg.model.image
         stages = list(image_cfg.out_features)
         if not cfg.model.bsd and not cfg.model.lsd:
-            stages = stages[-1:]  # the global-pool head reads only the coarsest scale: build no unused projections
+            stages = stages[
+                -1:
+            ]  # the global-pool head reads only the coarsest scale: build no unused projections
         self.backbone = build_backbone(image_cfg, pretrained=pretrained, out_features=stages)
         if image_cfg.freeze:
             self.backbone.requires_grad_(False)

@@ -35,8 +35,12 @@ def triplet_loss(
     off = ~torch.eye(n, dtype=torch.bool, device=sim.device)
     if ignore is not None:
         off = off & ~ignore
-    cost_caption = (margin + sim - pos.unsqueeze(1)).clamp(min=0) * off  # anchor image i (row), negative caption j
-    cost_image = (margin + sim - pos.unsqueeze(0)).clamp(min=0) * off  # anchor caption j (column), negative image i
+    cost_caption = (margin + sim - pos.unsqueeze(1)).clamp(
+        min=0
+    ) * off  # anchor image i (row), negative caption j
+    cost_image = (margin + sim - pos.unsqueeze(0)).clamp(
+        min=0
+    ) * off  # anchor caption j (column), negative image i
     if variant == "hardest":
         total = cost_caption.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()
     elif variant == "sum":
@@ -88,7 +92,9 @@ def stl_loss(
     return triplet_loss(sim, margin - kappa, variant, ignore), kappa
 
 
-def infonce_loss(sim: torch.Tensor, temperature: float = 0.07, ignore: torch.Tensor | None = None) -> torch.Tensor:
+def infonce_loss(
+    sim: torch.Tensor, temperature: float = 0.07, ignore: torch.Tensor | None = None
+) -> torch.Tensor:
     logits = sim / temperature
     if ignore is not None:
         logits = logits.masked_fill(ignore, float("-inf"))

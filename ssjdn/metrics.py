@@ -42,7 +42,9 @@ def _ranks_of_best(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     has = target.any(1)
     neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype)
     best = torch.where(target, scores, neg_inf).max(1, keepdim=True).values  # [b, 1]
-    first = (target & (scores == best)).to(torch.int8).argmax(1, keepdim=True)  # first index of the best target
+    first = (
+        (target & (scores == best)).to(torch.int8).argmax(1, keepdim=True)
+    )  # first index of the best target
     idx = torch.arange(n).unsqueeze(0)
     rank = (scores > best).sum(1) + ((scores == best) & (idx < first)).sum(1)
     return torch.where(has, rank, torch.full_like(rank, n))

@@ -35,7 +35,9 @@ class SSJDN(nn.Module):
         else:
             self.image_head = GlobalPoolHead(m.width, m.embed_dim, m.dropout)
         self.text = build_text_encoder(cfg, vocab_size=vocab_size, pretrained=pretrained)
-        self.lsd = LSD(m.lsd_cfg.num_classes, m.width, m.embed_dim, m.lsd_cfg.heads, n_scales) if m.lsd else None
+        self.lsd = (
+            LSD(m.lsd_cfg.num_classes, m.width, m.embed_dim, m.lsd_cfg.heads, n_scales) if m.lsd else None
+        )
 
     # --- encoders -------------------------------------------------------------------------------------------
     def _image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -82,7 +84,9 @@ class SSJDN(nn.Module):
             post_i = torch.softmax(img_logits.float(), -1) if img_logits is not None else None
             post_t = torch.softmax(txt_logits.float(), -1) if txt_logits is not None else None
             agreement = semantic_agreement(labels, post_i, post_t, loss_cfg.stl.agreement)
-            retrieval, kappa = stl_loss(sim, agreement, loss_cfg.margin, loss_cfg.stl.relief, loss_cfg.variant, ignore)
+            retrieval, kappa = stl_loss(
+                sim, agreement, loss_cfg.margin, loss_cfg.stl.relief, loss_cfg.variant, ignore
+            )
             out["kappa_mean"] = kappa.detach().mean()
         out["loss_retrieval"] = retrieval
         loss = retrieval

@@ -63,7 +63,9 @@ class BertTextEncoder(nn.Module):
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> TextFeatures:
         mask = tokens["attention_mask"].bool()
-        hidden = self.bert(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        hidden = self.bert(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        ).last_hidden_state
         pooled = hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, mask)
         tok = self.token_proj(hidden) if self.token_proj is not None else None
         return TextFeatures(self.proj(pooled), tok, mask)
@@ -77,7 +79,11 @@ class GRUTextEncoder(nn.Module):
         self.pooling = text_cfg.pooling
         self.embed = nn.Embedding(vocab_size, text_cfg.word_dim, padding_idx=0)
         self.gru = nn.GRU(
-            text_cfg.word_dim, text_cfg.gru_hidden, num_layers=text_cfg.gru_layers, batch_first=True, bidirectional=True
+            text_cfg.word_dim,
+            text_cfg.gru_hidden,
+            num_layers=text_cfg.gru_layers,
+            batch_first=True,
+            bidirectional=True,
         )
         self.proj = nn.Linear(text_cfg.gru_hidden, embed_dim)
         self.token_proj = nn.Linear(text_cfg.gru_hidden, token_width) if token_width else None

@@ -35,7 +35,10 @@ def minilm_dir() -> Path | None:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def resolve_text_name(name: str) -> str:
@@ -153,7 +156,9 @@ def build_tokenizer(cfg, captions: Iterable[str] | None = None, state: dict | No
     """
     text = cfg.model.text if hasattr(cfg, "model") else cfg
     if state is not None and state.get("kind") != text.kind:
-        raise ValueError(f"tokenizer state is for {state.get('kind')!r} but the config asks for {text.kind!r}")
+        raise ValueError(
+            f"tokenizer state is for {state.get('kind')!r} but the config asks for {text.kind!r}"
+        )
     if text.kind == "gru":
         if state is not None:
             return VocabTokenizer(state["vocab"], state.get("max_length", text.max_length))

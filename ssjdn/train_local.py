@@ -97,7 +97,9 @@ def _with_class_count(cfg: SSJDNConfig, classes: list[str]) -> SSJDNConfig:
         )
     have = cfg.model.lsd_cfg.num_classes
     if have and have != len(classes):
-        raise ValueError(f"config has model.lsd_cfg.num_classes={have} but the dataset has {len(classes)} classes")
+        raise ValueError(
+            f"config has model.lsd_cfg.num_classes={have} but the dataset has {len(classes)} classes"
+        )
     return apply_overrides(cfg, {"model.lsd_cfg.num_classes": len(classes)})
 
 
@@ -192,7 +194,9 @@ def train_local(
         res = {}
         for name, es in (("val", val_set), ("test", test_set)):
             if es is not None:
-                res[name] = evaluate(model, tokenizer, es, batch_size=cfg.train.eval_batch_size, amp=cfg.train.amp)
+                res[name] = evaluate(
+                    model, tokenizer, es, batch_size=cfg.train.eval_batch_size, amp=cfg.train.amp
+                )
         return res
 
     def select(res: dict) -> float:
@@ -208,14 +212,19 @@ def train_local(
         res = run_eval()
         record({"epoch": 0, "step": 0, **res, "eval_s": round(time.time() - t0, 2)})
         summary["untrained"] = res
-        log.info("untrained: val mR %.2f, test mR %.2f", *(res.get(k, {}).get("mr", float("nan")) for k in ("val", "test")))
+        log.info(
+            "untrained: val mR %.2f, test mR %.2f",
+            *(res.get(k, {}).get("mr", float("nan")) for k in ("val", "test")),
+        )
 
     n_bad_train = 0
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         t0 = time.time()
         sums: dict[str, float] = defaultdict(float)
         n = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not progress, leave=False)
+        bar = tqdm(
+            total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not progress, leave=False
+        )
         for i, batch in enumerate(loader):
             if i >= steps_per_epoch:
                 break
@@ -225,7 +234,9 @@ def train_local(
                 log.warning("skipped unreadable image %s (%s): %s", b.key, b.source, b.reason)
             if batch.get("pixels") is None or len(batch["keys"]) < 2:
                 continue
-            stats = train_step(model, batch, optimizer, scheduler, amp=cfg.train.amp, grad_clip=cfg.optim.grad_clip)
+            stats = train_step(
+                model, batch, optimizer, scheduler, amp=cfg.train.amp, grad_clip=cfg.optim.grad_clip
+            )
             step += 1
             n += 1
             for k, v in stats.items():
@@ -251,16 +262,34 @@ def train_local(
         improved = mr > best_mr
         if improved:
             best_mr = mr
-            save_checkpoint(out / "best.pt", model=model, step=step, epoch=epoch, tokenizer=tokenizer,
-                            extra={"val_mr": mr, "best_mr": mr})
+            save_checkpoint(
+                out / "best.pt",
+                model=model,
+                step=step,
+                epoch=epoch,
+                tokenizer=tokenizer,
+                extra={"val_mr": mr, "best_mr": mr},
+            )
             summary["best"] = {"epoch": epoch, **res}
-        save_checkpoint(out / "last.pt", model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                        epoch=epoch, tokenizer=tokenizer, extra={"best_mr": best_mr})
+        save_checkpoint(
+            out / "last.pt",
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            step=step,
+            epoch=epoch,
+            tokenizer=tokenizer,
+            extra={"best_mr": best_mr},
+        )
         log.info(
             "epoch %d: loss %.4f, val mR %.2f, test mR %.2f (%.0fs train, %.0fs eval)%s",
-            epoch, row["train"].get("loss", float("nan")),
-            res.get("val", {}).get("mr", float("nan")), res.get("test", {}).get("mr", float("nan")),
-            train_s, row["eval_s"], " *best*" if improved else "",
+            epoch,
+            row["train"].get("loss", float("nan")),
+            res.get("val", {}).get("mr", float("nan")),
+            res.get("test", {}).get("mr", float("nan")),
+            train_s,
+            row["eval_s"],
+            " *best*" if improved else "",
         )
 
     if bad:
@@ -270,5 +299,7 @@ def train_local(
         log.warning("%d unreadable images skipped; listed in %s", len(bad), out / "bad_samples.jsonl")
     summary.update({"bad_samples": len(bad), "wall_s": round(time.time() - t_start, 1), "out": str(out)})
     _write_json_atomic(out / "summary.json", summary)
-    log.info("done in %.0fs: metrics %s, best checkpoint %s", summary["wall_s"], metrics_path, out / "best.pt")
+    log.info(
+        "done in %.0fs: metrics %s, best checkpoint %s", summary["wall_s"], metrics_path, out / "best.pt"
+    )
     return summary

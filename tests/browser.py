@@ -55,12 +55,25 @@ def count_loaded_images(html_path: Path) -> tuple[int, int]:
         with tempfile.TemporaryDirectory() as profile:
             out = subprocess.run(
                 [
-                    chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                    "--disable-sync", f"--user-data-dir={profile}", "--allow-file-access-from-files",
-                    "--virtual-time-budget=10000", "--dump-dom", probe.as_uri(),
+                    chromium_binary(),
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    f"--user-data-dir={profile}",
+                    "--allow-file-access-from-files",
+                    "--virtual-time-budget=10000",
+                    "--dump-dom",
+                    probe.as_uri(),
                 ],
-                capture_output=True, text=True, timeout=120, check=False,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
             )
     finally:
         probe.unlink(missing_ok=True)

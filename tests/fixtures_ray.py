@@ -101,7 +101,9 @@ def ray_head(s3_server):
     Yields a dict: `address` (GCS), `dashboard` (http URL for `ray job submit` / JobSubmissionClient),
     `env` (the variables a client subprocess needs: RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH) and `token`.
     """
-    tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's unix socket paths are length-limited
+    tmp = Path(
+        tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    )  # short: Ray's unix socket paths are length-limited
     token = uuid.uuid4().hex
     token_path = tmp / "auth_token"
     token_path.write_text(token)
@@ -110,8 +112,13 @@ def ray_head(s3_server):
     # Test-cluster settings: no preemption on a test machine (one actor process less per worker-group start),
     # and Ray Train's controller polls its workers every 0.5 s instead of 2 s (failures and checkpoints are
     # noticed sooner; the behaviour is the same).
-    env = {**os.environ, **client_env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}  # fmt: skip
+    env = {
+        **os.environ,
+        **client_env,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    }
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     dashboard = f"http://127.0.0.1:{dash}"
@@ -127,27 +134,47 @@ def ray_head(s3_server):
         ]
 
     common = ["--block", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-    head_cmd = [RAY_CLI, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                f"--ray-client-server-port={_free_port()}", f"--temp-dir={tmp / 'ray'}", *common, *node_ports()]  # fmt: skip
+    head_cmd = [
+        RAY_CLI,
+        "start",
+        "--head",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={_free_port()}",
+        f"--temp-dir={tmp / 'ray'}",
+        *common,
+        *node_ports(),
+    ]
     procs: list[subprocess.Popen] = []
     logs = []
     try:
         log = open(tmp / "head.log", "wb")  # noqa: SIM115 - closed in teardown
         logs.append(log)
-        procs.append(subprocess.Popen(head_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(head_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
         deadline = time.monotonic() + HEAD_STARTUP_TIMEOUT_S
         while _get_json(f"{dashboard}/api/version", token) is None:
             if procs[0].poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray head did not start:\n{(tmp / 'head.log').read_text(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"ray head did not start:\n{(tmp / 'head.log').read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.5)
         address = f"127.0.0.1:{gcs}"
         log2 = open(tmp / "worker.log", "wb")  # noqa: SIM115
         logs.append(log2)
         worker_cmd = [RAY_CLI, "start", f"--address={address}", *common, *node_ports()]
-        procs.append(subprocess.Popen(worker_cmd, env=env, stdout=log2, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                worker_cmd, env=env, stdout=log2, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
         while _alive_nodes(dashboard, token) < 2:
             if procs[1].poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"second ray node did not join:\n{(tmp / 'worker.log').read_text(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"second ray node did not join:\n{(tmp / 'worker.log').read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.5)
         yield {"address": address, "dashboard": dashboard, "env": client_env, "token": token, "tmp": tmp}
     finally:
@@ -155,4 +182,3 @@ def ray_head(s3_server):
         for f in logs:
             f.close()
         shutil.rmtree(tmp, ignore_errors=True)
-

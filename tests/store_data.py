@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 
-from pipelines.store import EmbeddingStore, VersionWriter, build_table
+from pipelines.store.store import EmbeddingStore, VersionWriter, build_table
 
 CLASSES = ("airport", "beach", "forest", None)
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.cli import main
 from ssjdn.data.describe import describe_dataset, format_report
 from ssjdn.data.readers import load_dataset
 from ssjdn.data.synthetic import generate_synthetic
+from ssjdn_cli.main import main
 
 
 @pytest.fixture
@@ -34,7 +34,11 @@ def test_report_counts_match_the_generated_dataset(synth, capsys):
     assert code == 0, err
     assert (r["dataset"], r["format"], r["images"], r["captions"]) == ("synthetic", "karpathy", 12, 60)
     assert r["captions_per_image"] == {"mean": 5.0, "min": 5, "max": 5}
-    assert r["classes"] == {"count": 3, "counts": {"beach": 4, "forest": 4, "lake": 4}, "unlabelled_images": 0}
+    assert r["classes"] == {
+        "count": 3,
+        "counts": {"beach": 4, "forest": 4, "lake": 4},
+        "unlabelled_images": 0,
+    }
     assert {k: v["images"] for k, v in r["splits"].items()} == {"train": 6, "val": 3, "test": 3}
     assert r["image_check"]["mode"] == "decode" and r["image_check"]["readable"] == 12
     assert r["image_check"]["formats"] == {"JPEG": 12} and r["image_check"]["min_size"] == [32, 32]
@@ -42,8 +46,10 @@ def test_report_counts_match_the_generated_dataset(synth, capsys):
 
 
 def test_duplicate_caption_ratio(tmp_path, capsys):
-    images = [{"filename": f"{i}.jpg", "split": "train", "sentences": [{"raw": c} for c in caps]}
-              for i, caps in enumerate([["a", "a", "b"], ["b", "c", "d"]])]
+    images = [
+        {"filename": f"{i}.jpg", "split": "train", "sentences": [{"raw": c} for c in caps]}
+        for i, caps in enumerate([["a", "a", "b"], ["b", "c", "d"]])
+    ]
     (tmp_path / "dataset.json").write_text(json.dumps({"images": images}))
     code, r, _ = describe_json(capsys, tmp_path, "--allow-missing")
     assert code == 0
@@ -82,7 +88,10 @@ def test_zero_byte_and_truncated_images_are_unreadable(synth, capsys):
     code = main(["data", "describe", str(synth)])
     out, err = capsys.readouterr()
     assert code == 1
-    assert "error: 2 images are unreadable: forest_0000.jpg: empty file (0 bytes); lake_0001.jpg: truncated" in err
+    assert (
+        "error: 2 images are unreadable: forest_0000.jpg: empty file (0 bytes); lake_0001.jpg: truncated"
+        in err
+    )
     code, r, _ = describe_json(capsys, synth, "--allow-unreadable")
     assert code == 0
     assert [u["file"] for u in r["unreadable_images"]["first"]] == ["forest_0000.jpg", "lake_0001.jpg"]
@@ -118,7 +127,10 @@ def test_unusable_dataset_exits_2_with_the_reason(tmp_path, capsys):
 def test_text_report(synth):
     text = format_report(describe_dataset(load_dataset(synth)))
     assert "images     12 listed, 12 usable" in text
-    assert "splits     train 6 images / 30 captions, val 3 images / 15 captions, test 3 images / 15 captions" in text
+    assert (
+        "splits     train 6 images / 30 captions, val 3 images / 15 captions, test 3 images / 15 captions"
+        in text
+    )
     assert "  forest                   4" in text
 
 
@@ -128,8 +140,9 @@ def test_text_report(synth):
 @pytest.mark.integration
 def test_acceptance_ucm_console_script(ucm_dir):
     exe = Path(sys.executable).with_name("ssjdn")
-    proc = subprocess.run([str(exe), "data", "describe", str(ucm_dir), "--json"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [str(exe), "data", "describe", str(ucm_dir), "--json"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert (r["images"], r["captions"], r["classes"]["count"]) == (2000, 10000, 21)

@@ -65,10 +65,12 @@ def test_captions_vary_and_describe_the_drawn_scene():
         img, attrs = render_scene("lake", seed=0, index=i, size=64)
         arr = np.asarray(img, dtype=float)
         blue = arr[:, :, 2] - arr[:, :, 1]  # water is bluer than land
-        halves = {"on the left": blue[:, :32].mean() > blue[:, 32:].mean(),
-                  "on the right": blue[:, 32:].mean() > blue[:, :32].mean(),
-                  "at the top": blue[:32].mean() > blue[32:].mean(),
-                  "at the bottom": blue[32:].mean() > blue[:32].mean()}
+        halves = {
+            "on the left": blue[:, :32].mean() > blue[:, 32:].mean(),
+            "on the right": blue[:, 32:].mean() > blue[:, :32].mean(),
+            "at the top": blue[:32].mean() > blue[32:].mean(),
+            "at the bottom": blue[32:].mean() > blue[:32].mean(),
+        }
         if attrs["pos"] in halves:
             assert halves[attrs["pos"]], f"lake {i} said {attrs['pos']!r} but the water is elsewhere"
             lake_checks += 1
@@ -78,8 +80,13 @@ def test_captions_vary_and_describe_the_drawn_scene():
 
 def test_classes_look_different():
     """Mean colour alone tells several classes apart: the scenes are not noise with a label."""
-    means = {c: np.mean([np.asarray(render_scene(c, seed=0, index=i, size=48)[0], float).mean((0, 1))
-                         for i in range(4)], axis=0) for c in ("forest", "beach", "parking", "lake")}
+    means = {
+        c: np.mean(
+            [np.asarray(render_scene(c, seed=0, index=i, size=48)[0], float).mean((0, 1)) for i in range(4)],
+            axis=0,
+        )
+        for c in ("forest", "beach", "parking", "lake")
+    }
     assert means["forest"][1] > means["forest"][0] + 20  # green
     assert means["beach"][0] > means["forest"][0] + 60  # sand is bright
     names = list(means)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pipelines import demo
+from pipelines.report import demo_steps as demo
 from tests.browser import count_loaded_images
 
 
@@ -36,14 +36,22 @@ def test_demo_flow_end_to_end_on_s3(s3_server, s3_bucket, prefect_server, tmp_pa
 
     out = tmp_path / "out"
     store = f"s3://{s3_bucket}/demo"
-    summary = ssjdn_demo(data="synthetic", store=store, out=str(out), epochs=2, config="tiny",
-                         overrides={"model.lsd_cfg.num_classes": 0})  # fmt: skip
+    summary = ssjdn_demo(
+        data="synthetic",
+        store=store,
+        out=str(out),
+        epochs=2,
+        config="tiny",
+        overrides={"model.lsd_cfg.num_classes": 0},
+    )
 
     for name in ("metrics.json", "results.md", "training_curve.png", "report.html"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["synthetic"] is True
-    assert "SYNTHETIC" in (out / "results.md").read_text() and "SYNTHETIC" in (out / "report.html").read_text()
+    assert (
+        "SYNTHETIC" in (out / "results.md").read_text() and "SYNTHETIC" in (out / "report.html").read_text()
+    )
     test = metrics["test"]
     assert set(test) == {"SSJDN (trained)", "untrained", "chance"}
     n_test = len([1 for _ in demo.load_split_records(metrics["shards"], "test", lambda img: 0)])

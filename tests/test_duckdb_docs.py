@@ -9,16 +9,22 @@ import duckdb
 import numpy as np
 import pytest
 
-from pipelines.query import exact_search
-from pipelines.store import EmbeddingStore, VersionWriter, build_table
+from pipelines.search.query import exact_search
+from pipelines.store.store import EmbeddingStore, VersionWriter, build_table
 from tests.conftest import REPO
 from tests.store_data import fake_model_id, unit_vectors
 
 DOC = REPO / "docs" / "store.md"
 DIM = 256
 CLASSES = ["agricultural", "airplane", "beach", "forest", "golfcourse", "harbor", "runway"]
-GROUPS = {"airplane": "transport", "runway": "transport", "harbor": "transport", "forest": "vegetation",
-          "agricultural": "vegetation", "golfcourse": "vegetation"}  # fmt: skip
+GROUPS = {
+    "airplane": "transport",
+    "runway": "transport",
+    "harbor": "transport",
+    "forest": "vegetation",
+    "agricultural": "vegetation",
+    "golfcourse": "vegetation",
+}
 
 
 def doc_statements() -> list[str]:
@@ -53,8 +59,10 @@ def write_ucm_like_store(url: str, storage_options=None) -> tuple[EmbeddingStore
         captions = build_table(
             "captions", caps, unit_vectors(2 * n, DIM, seed=10 + unit), dim=DIM, model_id=mid
         )
-        writer.stage({"id": f"train/shard-{unit:06d}.tar", "kind": "shard", "bad": []},
-                     {"images": images, "captions": captions})  # fmt: skip
+        writer.stage(
+            {"id": f"train/shard-{unit:06d}.tar", "kind": "shard", "bad": []},
+            {"images": images, "captions": captions},
+        )
     writer.commit()
     return store, mid
 

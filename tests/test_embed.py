@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.embed import embed_archive
-from pipelines.encoders import CheckpointError
-from pipelines.store import EmbeddingStore, embeddings_to_numpy
+from pipelines.embed.encoders import CheckpointError
+from pipelines.embed.job import embed_archive
+from pipelines.store.store import EmbeddingStore, embeddings_to_numpy
 from tests.embed_helpers import dataset_captions, direct_embeddings, make_tiny_checkpoint
 from tests.store_data import is_embedding_type
 
@@ -49,7 +49,7 @@ def s3_archive(tiny, s3_server):
 
     import boto3
 
-    from pipelines.shard import shard_dataset
+    from pipelines.shard.job import shard_dataset
 
     bucket = f"embed-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server["endpoint_url"]).create_bucket(Bucket=bucket)
@@ -102,7 +102,7 @@ def test_embeddings_equal_model_output_and_rerun_writes_nothing(tiny, s3_archive
     row = images.filter(pa.compute.equal(images.column("key"), "synthetic__airport_0000")).to_pylist()[0]
     assert row["class"] == "airport" and row["split"] in ("train", "val", "test") and row["lat"] is None
     # the source URI resolves to the exact image bytes inside the S3 shard
-    from pipelines.query_html import fetch_images
+    from pipelines.report.html import fetch_images
 
     fetched = fetch_images([row["source"]])[row["source"]]
     assert fetched["image"] == tiny["images"]["airport_0000"].read_bytes() and len(fetched["captions"]) == 5
@@ -118,7 +118,7 @@ def test_embeddings_equal_model_output_and_rerun_writes_nothing(tiny, s3_archive
 
 @pytest.mark.integration
 def test_query_cli_image_caption_filter_and_html(tiny, clean_store, capsys):
-    from pipelines.cli import main
+    from ssjdn_cli.main import main
     from tests.browser import count_loaded_images
 
     html = tiny["root"] / "hits.html"
@@ -164,8 +164,21 @@ def test_killed_run_leaves_nothing_partial_and_rerun_equals_clean_run(
     mid = hashlib.sha256(tiny["ckpt"].read_bytes()).hexdigest()
     manifest_path = tmp_path / "store" / mid / "_manifest.json"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "pipelines.cli", "embed", s3_archive["shards"], store_url, "--checkpoint",
-           str(tiny["ckpt"]), "--batch-size", "1", "--commit-every", "0", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ssjdn_cli.main",
+        "embed",
+        s3_archive["shards"],
+        store_url,
+        "--checkpoint",
+        str(tiny["ckpt"]),
+        "--batch-size",
+        "1",
+        "--commit-every",
+        "0",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -270,7 +283,7 @@ def test_bad_samples_are_skipped_and_reported(tiny, tmp_path, ray_local):
 def test_checkpoint_whose_config_does_not_match_is_refused(tiny, tmp_path, capsys):
     import torch
 
-    from pipelines.cli import main
+    from ssjdn_cli.main import main
 
     ckpt = torch.load(tiny["ckpt"], weights_only=True)
     ckpt["config"]["model"]["embed_dim"] = 48  # config edited after training: weights are 32-d
@@ -289,7 +302,7 @@ def test_checkpoint_whose_config_does_not_match_is_refused(tiny, tmp_path, capsy
 
 
 def test_query_errors_are_clear(tiny, tmp_path, caplog):
-    from pipelines.cli import main
+    from ssjdn_cli.main import main
 
     assert main(["query", "planes", "--store", str(tmp_path / "empty")]) == 1
     assert "is empty: no committed version" in caplog.text

@@ -29,7 +29,7 @@ def test_reindex_flow_embeds_new_units_and_reports_counts(prefect_server, ray_lo
     from prefect import get_client
 
     from flows.reindex import reindex_archive
-    from pipelines.shard import shard_dataset
+    from pipelines.shard.job import shard_dataset
     from ssjdn.data.readers import load_dataset
     from ssjdn.data.synthetic import generate_synthetic
 
@@ -66,10 +66,22 @@ def test_reindex_flow_embeds_new_units_and_reports_counts(prefect_server, ray_lo
 def test_reindex_deployment_is_nightly_with_explicit_timezone(prefect_server):
     env = {**os.environ, **prefect_server["env"]}
     prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
-    subprocess.run([*prefect, "work-pool", "create", "ssjdn-process", "--type", "process", "--overwrite"],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
-    done = subprocess.run([*prefect, "deploy", "--name", "reindex-archive"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    subprocess.run(
+        [*prefect, "work-pool", "create", "ssjdn-process", "--type", "process", "--overwrite"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    done = subprocess.run(
+        [*prefect, "deploy", "--name", "reindex-archive"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     from prefect import get_client

@@ -7,19 +7,20 @@ import shutil
 
 import pytest
 
-from pipelines.embed_sources import discover, member_uri, plan_units, read_unit, split_member_uri
+from pipelines.embed.sources import discover, member_uri, plan_units, read_unit, split_member_uri
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     from ssjdn.data.synthetic import generate_synthetic
 
-    return generate_synthetic(tmp_path_factory.mktemp("src") / "data", n_per_class=3, seed=4, size=32,
-                              classes=["beach", "forest"])  # fmt: skip
+    return generate_synthetic(
+        tmp_path_factory.mktemp("src") / "data", n_per_class=3, seed=4, size=32, classes=["beach", "forest"]
+    )
 
 
 def test_shard_manifest_units_and_split_filter(dataset, tmp_path):
-    from pipelines.shard import shard_dataset
+    from pipelines.shard.job import shard_dataset
 
     shard_dataset(dataset, str(tmp_path / "shards"), maxcount=2, progress=False)
     kind, units, samples = discover(str(tmp_path / "shards"))

@@ -51,8 +51,16 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     for _ in range(2):
         train_step(model, batch, opt, sched, grad_clip=1.0)
     path = tmp_path / "ck" / "c.pt"
-    save_checkpoint(path, model=model, optimizer=opt, scheduler=sched, step=2, epoch=1, tokenizer=tok,
-                    extra={"data_position": [1, 2]})
+    save_checkpoint(
+        path,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        step=2,
+        epoch=1,
+        tokenizer=tok,
+        extra={"data_position": [1, 2]},
+    )
     assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temp files left behind
 
     restored, tok2, cfg2 = restore_model(path)
@@ -103,7 +111,9 @@ def test_nan_loss_stops_before_the_weights_change():
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         train_step(model, batch, opt, sched)
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and "num_batches" not in k)
+    assert all(
+        torch.equal(before[k], after[k]) for k in before if "running" not in k and "num_batches" not in k
+    )
 
 
 def test_lr_schedule_warmup_cosine_and_groups():
@@ -117,8 +127,16 @@ def test_lr_schedule_warmup_cosine_and_groups():
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert lrs[12] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))
     assert {g["name"] for g in opt.param_groups} == {"backbone", "head"}  # GRU text: no pretrained group
-    cfg, _, model, _ = _setup(**{"optim.schedule": "step", "optim.step_epochs": 1, "optim.step_gamma": 0.5,
-                                 "optim.warmup_steps": 0, "optim.warmup_fraction": 0.0, "train.epochs": 4})
+    cfg, _, model, _ = _setup(
+        **{
+            "optim.schedule": "step",
+            "optim.step_epochs": 1,
+            "optim.step_gamma": 0.5,
+            "optim.warmup_steps": 0,
+            "optim.warmup_fraction": 0.0,
+            "train.epochs": 4,
+        }
+    )
     opt, sched = build_optimizer_and_scheduler(model, cfg, total_steps=8)  # 2 steps per epoch
     seen = []
     for _ in range(8):
@@ -130,7 +148,10 @@ def test_lr_schedule_warmup_cosine_and_groups():
 
 def test_evaluate_matches_metrics_on_embeddings():
     cfg, tok, model, batch = _setup()
-    records = [(k, batch["pixels"][i], [CAPTIONS[i], CAPTIONS[(i + 1) % 8]], i % 4) for i, k in enumerate(batch["keys"])]
+    records = [
+        (k, batch["pixels"][i], [CAPTIONS[i], CAPTIONS[(i + 1) % 8]], i % 4)
+        for i, k in enumerate(batch["keys"])
+    ]
     es = EvalSet.from_records(records, batch_size=3)
     assert [len(k) for k, _ in es.image_batches] == [3, 3, 2] and len(es.captions) == 16
     got = evaluate(model, tok, es)
@@ -149,20 +170,37 @@ def test_evaluate_matches_metrics_on_embeddings():
 def synthetic(tmp_path_factory):
     from ssjdn.data.synthetic import generate_synthetic
 
-    return generate_synthetic(tmp_path_factory.mktemp("syn"), n_per_class=8, seed=0, size=64,
-                              classes=["forest", "lake", "airport", "residential"])
+    return generate_synthetic(
+        tmp_path_factory.mktemp("syn"),
+        n_per_class=8,
+        seed=0,
+        size=64,
+        classes=["forest", "lake", "airport", "residential"],
+    )
 
 
 def test_train_local_writes_metrics_checkpoints_and_resumes(synthetic, tmp_path):
-    from pipelines.cli import main
+    from ssjdn_cli.main import main
 
     bad = next((synthetic / "images").iterdir())
     good = bad.read_bytes()
     bad.write_bytes(good[: len(good) // 3])  # truncated JPEG: skipped and reported, not fatal
     try:
         out = tmp_path / "run"
-        args = ["train-local", "--config", "tiny", "--data", str(synthetic), "--out", str(out), "--epochs", "2",
-                "--set", "model.lsd_cfg.num_classes=0", "--no-progress"]
+        args = [
+            "train-local",
+            "--config",
+            "tiny",
+            "--data",
+            str(synthetic),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--set",
+            "model.lsd_cfg.num_classes=0",
+            "--no-progress",
+        ]
         assert main(args) == 0
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [0, 1, 2]
@@ -186,8 +224,12 @@ def test_train_local_reads_real_ucm(ucm_dir, tmp_path):
     from ssjdn.train_local import train_local
 
     cfg = load_config("tiny", {"model.lsd_cfg.num_classes": 0, "train.batch_size": 16})
-    summary = train_local(cfg, ucm_dir, tmp_path, epochs=1, max_steps_per_epoch=2, device="cpu", progress=False)
-    assert summary["untrained"]["test"]["n_images"] == 210 and summary["untrained"]["test"]["n_captions"] == 1050
+    summary = train_local(
+        cfg, ucm_dir, tmp_path, epochs=1, max_steps_per_epoch=2, device="cpu", progress=False
+    )
+    assert (
+        summary["untrained"]["test"]["n_images"] == 210 and summary["untrained"]["test"]["n_captions"] == 1050
+    )
     assert summary["best"]["val"]["n_images"] == 110
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert ckpt["config"]["model"]["lsd_cfg"]["num_classes"] == 21 and ckpt["step"] == 2

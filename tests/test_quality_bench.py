@@ -13,7 +13,9 @@ from ssjdn.data.synthetic import CLASSES, generate_synthetic
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     # The tiny config expects 4 scene classes (lsd_cfg.num_classes: 4).
-    return generate_synthetic(tmp_path_factory.mktemp("qdata"), n_per_class=4, classes=list(CLASSES[:4]), size=64)
+    return generate_synthetic(
+        tmp_path_factory.mktemp("qdata"), n_per_class=4, classes=list(CLASSES[:4]), size=64
+    )
 
 
 def test_queue_puts_acceptance_pair_first():
@@ -32,10 +34,27 @@ def test_ablation_overrides_are_real_config_keys():
 
 def test_benchmark_writes_table_and_json_and_skips_finished_runs(tiny_data, tmp_path):
     out = tmp_path / "bench"
-    argv = ["--data", str(tiny_data), "--configs", "vsepp,full", "--seeds", "1", "--epochs", "1",
-            "--base-config", "tiny", "--out", str(out), "--jobs", "2"]
+    argv = [
+        "--data",
+        str(tiny_data),
+        "--configs",
+        "vsepp,full",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--base-config",
+        "tiny",
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+    ]
     first = quality.main(argv)
-    assert sorted((r["spec"]["config"], r["status"]) for r in first) == [("full", "trained"), ("vsepp", "trained")]
+    assert sorted((r["spec"]["config"], r["status"]) for r in first) == [
+        ("full", "trained"),
+        ("vsepp", "trained"),
+    ]
 
     results = json.loads((out / "results.json").read_text())
     assert {r["spec"]["config"] for r in results["runs"]} == {"vsepp", "full"}

@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.ann import build_ann, load_ann
-from pipelines.flat import cache_root, load_cache
-from pipelines.query import exact_search
-from pipelines.store import StoreError, VersionWriter, build_table
-from pipelines.where import FilterError, parse_where, to_arrow, to_sql
+from pipelines.search.ann import build_ann, load_ann
+from pipelines.search.matrix_cache import cache_root, load_cache
+from pipelines.search.query import exact_search
+from pipelines.search.where import FilterError, parse_where, to_arrow, to_sql
+from pipelines.store.store import StoreError, VersionWriter, build_table
 from tests.store_data import image_columns, unit_vectors, write_synthetic_version
 
 
@@ -33,7 +33,7 @@ def synthetic(tmp_path_factory):
 
 @pytest.mark.parametrize("cache", [False, True], ids=["parquet-scan", "flat-cache"])
 def test_exact_matches_brute_force_across_files_and_batches(synthetic, cache, monkeypatch):
-    monkeypatch.setattr("pipelines.flat.BLOCK_ROWS", 64)  # several blocks over the 480 rows
+    monkeypatch.setattr("pipelines.search.matrix_cache.BLOCK_ROWS", 64)  # several blocks over the 480 rows
     store, manifest, vecs, cols = synthetic
     rng = np.random.default_rng(3)
     queries = rng.standard_normal((5, 24)).astype(np.float32)
@@ -47,8 +47,11 @@ def test_exact_matches_brute_force_across_files_and_batches(synthetic, cache, mo
     top = results[0][0]
     i = cols["key"].index(top.key)
     assert (top.source, top.split, top.class_name, top.lat) == (
-        cols["source"][i], cols["split"][i], cols["class"][i], cols["lat"][i],
-    )  # fmt: skip
+        cols["source"][i],
+        cols["split"][i],
+        cols["class"][i],
+        cols["lat"][i],
+    )
     # k larger than the store returns everything once
     everything = exact_search(store, manifest, queries[0], k=10_000, cache=cache)[0]
     assert len(everything) == len(vecs) and len({h.key for h in everything}) == len(vecs)
@@ -58,15 +61,24 @@ def test_exact_matches_brute_force_across_files_and_batches(synthetic, cache, mo
     "where, predicate",
     [
         ("class = 'airport'", lambda c, i: c["class"][i] == "airport"),
-        ("class IN ('beach', 'forest') AND split = 'test'", lambda c, i: c["class"][i] in ("beach", "forest") and c["split"][i] == "test"),
+        (
+            "class IN ('beach', 'forest') AND split = 'test'",
+            lambda c, i: c["class"][i] in ("beach", "forest") and c["split"][i] == "test",
+        ),
         ("lat IS NULL OR lat > 40.5", lambda c, i: c["lat"][i] is None or c["lat"][i] > 40.5),
-        ("NOT (class = 'airport') AND class IS NOT NULL", lambda c, i: c["class"][i] not in ("airport", None)),
-        ("key != 'syn__u0_0001' AND lon <= -3.2", lambda c, i: c["key"][i] != "syn__u0_0001" and c["lon"][i] is not None and c["lon"][i] <= -3.2),
+        (
+            "NOT (class = 'airport') AND class IS NOT NULL",
+            lambda c, i: c["class"][i] not in ("airport", None),
+        ),
+        (
+            "key != 'syn__u0_0001' AND lon <= -3.2",
+            lambda c, i: c["key"][i] != "syn__u0_0001" and c["lon"][i] is not None and c["lon"][i] <= -3.2,
+        ),
     ],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("cache", [False, True], ids=["parquet-scan", "flat-cache"])
 def test_filters_match_brute_force(synthetic, where, predicate, cache, monkeypatch):
-    monkeypatch.setattr("pipelines.flat.BLOCK_ROWS", 64)
+    monkeypatch.setattr("pipelines.search.matrix_cache.BLOCK_ROWS", 64)
     store, manifest, vecs, cols = synthetic
     q = np.random.default_rng(5).standard_normal(24).astype(np.float32)
     mask = np.array([predicate(cols, i) for i in range(len(vecs))])
@@ -113,13 +125,16 @@ def test_flat_cache_is_built_once_used_by_default_and_replaced_on_commit(tmp_pat
     store, mid, vecs, cols = write_synthetic_version(str(tmp_path / "s"), units=2, rows=300, dim=16)
     manifest = store.manifest(mid)
     q = np.random.default_rng(1).standard_normal(16).astype(np.float32)
-    monkeypatch.setattr("pipelines.flat.MIN_ROWS", 1000)
+    monkeypatch.setattr("pipelines.search.matrix_cache.MIN_ROWS", 1000)
     exact_search(store, manifest, q)  # 600 rows: below MIN_ROWS, the scan needs no cache
     assert load_cache(store, manifest, "images") is None
-    monkeypatch.setattr("pipelines.flat.MIN_ROWS", 500)
+    monkeypatch.setattr("pipelines.search.matrix_cache.MIN_ROWS", 500)
     first = exact_search(store, manifest, q)[0]  # now at least MIN_ROWS: built on the first query
     cache = load_cache(store, manifest, "images")
-    assert cache is not None and cache.folder == cache_root(store, manifest, "images") / f"g{manifest.generation:06d}"
+    assert (
+        cache is not None
+        and cache.folder == cache_root(store, manifest, "images") / f"g{manifest.generation:06d}"
+    )
     np.testing.assert_array_equal(np.asarray(cache.matrix), vecs)  # rows in manifest order == write order
     mtime = (cache.folder / "embeddings.npy").stat().st_mtime_ns
     assert [h.key for h in exact_search(store, manifest, q)[0]] == [h.key for h in first]
@@ -127,13 +142,18 @@ def test_flat_cache_is_built_once_used_by_default_and_replaced_on_commit(tmp_pat
     # a commit makes a new generation: the old cache is not used, the next query builds the new one
     writer = VersionWriter(store, mid, manifest.model)
     extra = unit_vectors(5, 16, 77)
-    writer.stage({"id": "new/shard.tar"}, {"images": build_table("images", image_columns(9, 5), extra, dim=16, model_id=mid)})
+    writer.stage(
+        {"id": "new/shard.tar"},
+        {"images": build_table("images", image_columns(9, 5), extra, dim=16, model_id=mid)},
+    )
     writer.commit()
     newer = store.manifest(mid)
     assert load_cache(store, newer, "images") is None
     top = exact_search(store, newer, extra[3])[0][0]
     assert top.key == image_columns(9, 5)["key"][3] and top.score == pytest.approx(1.0, abs=1e-5)
-    assert sorted(p.name for p in cache_root(store, newer, "images").iterdir()) == [f"g{newer.generation:06d}"]  # stale one gone
+    assert sorted(p.name for p in cache_root(store, newer, "images").iterdir()) == [
+        f"g{newer.generation:06d}"
+    ]  # stale one gone
 
 
 def test_flat_cache_of_a_remote_store_is_local(s3_bucket, tmp_path, monkeypatch):
@@ -184,7 +204,7 @@ def test_flat_cache_falls_back_to_the_scan_when_it_cannot_be_written(tmp_path, m
     manifest = store.manifest(mid)
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache folder should go")
-    monkeypatch.setattr("pipelines.flat.cache_root", lambda *a: blocker / "flat")
+    monkeypatch.setattr("pipelines.search.matrix_cache.cache_root", lambda *a: blocker / "flat")
     q = vecs[42]
     hits = exact_search(store, manifest, q, k=3, cache=True)[0]  # asked for but cannot be written: scanned
     assert hits[0].key == cols["key"][42]

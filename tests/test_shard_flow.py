@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pipelines.shards_read import read_manifest
-from pipelines.storage import StorageError
+from pipelines.fsio import StorageError
+from pipelines.shard.read import read_manifest
 from ssjdn.data.readers import load_dataset
 from ssjdn.data.synthetic import generate_synthetic
 from tests.conftest import REPO
@@ -67,7 +67,9 @@ def test_group_tasks_retry_storage_errors_only(prefect_server):
     def flaky(kind: str) -> int:
         calls.append(kind)
         if kind == "storage" and calls.count(kind) < 3:
-            raise StorageError("write s3://b/x: storage still failing after 1 retries: EndpointConnectionError")
+            raise StorageError(
+                "write s3://b/x: storage still failing after 1 retries: EndpointConnectionError"
+            )
         if kind == "data":
             raise ValueError("bad data does not heal")
         return calls.count(kind)
@@ -84,9 +86,17 @@ def test_group_tasks_retry_storage_errors_only(prefect_server):
 def test_prefect_yaml_deploys(prefect_server):
     env = {**os.environ, **prefect_server["env"]}
     prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
-    subprocess.run([*prefect, "work-pool", "create", "ssjdn-process", "--type", "process", "--overwrite"],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
-    done = subprocess.run([*prefect, "deploy", "--all"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    subprocess.run(
+        [*prefect, "work-pool", "create", "ssjdn-process", "--type", "process", "--overwrite"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    done = subprocess.run(
+        [*prefect, "deploy", "--all"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     from prefect import get_client

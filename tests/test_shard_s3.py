@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import shard as sharding
-from pipelines.shards_read import read_manifest
-from pipelines.storage import get_fs
+from pipelines.fsio import get_fs
+from pipelines.shard.job import shard_dataset
+from pipelines.shard.read import read_manifest
 from ssjdn.data.readers import load_dataset
 from tests.conftest import REPO, _free_port
 from tests.test_shard import read_back
@@ -35,7 +35,7 @@ def assert_exactly_the_input(back: dict[str, dict], samples) -> None:
 def shard_cli(dataset, dest, *extra, env=None) -> subprocess.Popen:
     """`ssjdn shard` as a real process (own process group, so a kill takes its workers too)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "shard", str(dataset), dest, "--no-progress", *extra],
+        [sys.executable, "-m", "ssjdn_cli.main", "shard", str(dataset), dest, "--no-progress", *extra],
         cwd=REPO,
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
@@ -47,7 +47,7 @@ def shard_cli(dataset, dest, *extra, env=None) -> subprocess.Popen:
 
 def test_ucm_to_s3_reads_back_byte_identical(ucm_dir, s3_bucket):
     dest = f"s3://{s3_bucket}/ucm"
-    result = sharding.shard_dataset(ucm_dir, dest, maxcount=500, workers=2, progress=False)
+    result = shard_dataset(ucm_dir, dest, maxcount=500, workers=2, progress=False)
     m = read_manifest(dest)
     assert m == result.manifest
     assert {k: v["samples"] for k, v in m["splits"].items()} == {"train": 1680, "val": 110, "test": 210}
@@ -104,7 +104,7 @@ def test_killed_run_resumes_to_exactly_the_input(ucm_dir, s3_bucket):
     done_before = len(_committed_records(fs, root))
     assert done_before < 21  # killed halfway
 
-    again = sharding.shard_dataset(ucm_dir, dest, splits=splits, maxcount=16, workers=1, progress=False)
+    again = shard_dataset(ucm_dir, dest, splits=splits, maxcount=16, workers=1, progress=False)
     assert again.skipped >= done_before and again.written >= 1  # committed shards are not redone
     assert again.written + again.skipped == 21
     back = read_back(dest)
@@ -136,7 +136,18 @@ def test_endpoint_lost_mid_run_fails_clearly_and_a_rerun_completes(ucm_dir, s3_b
     dest = f"s3://{s3_bucket}/outage"
     options = {"endpoint_url": endpoint}
     fs, root = get_fs(dest, options)
-    args = ["--splits", "val", "--maxcount", "10", "--workers", "1", "--retries", "2", "--retry-backoff", "0.2"]
+    args = [
+        "--splits",
+        "val",
+        "--maxcount",
+        "10",
+        "--workers",
+        "1",
+        "--retries",
+        "2",
+        "--retry-backoff",
+        "0.2",
+    ]
     args += ["--storage-option", f"endpoint_url={endpoint}"]
     proc = shard_cli(ucm_dir, dest, *args, env={"AWS_MAX_ATTEMPTS": "1"})  # botocore: no hidden retries
     try:
@@ -159,13 +170,15 @@ def test_endpoint_lost_mid_run_fails_clearly_and_a_rerun_completes(ucm_dir, s3_b
             with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
                 assert sum(1 for _ in tf) > 0
 
-    again = sharding.shard_dataset(ucm_dir, dest, splits=["val"], maxcount=10, storage_options=options, progress=False)
+    again = shard_dataset(ucm_dir, dest, splits=["val"], maxcount=10, storage_options=options, progress=False)
     assert again.skipped >= 3 and again.written + again.skipped == 11
     back = read_back(dest, options)
     assert_exactly_the_input(back, load_dataset(ucm_dir).by_split("val"))
 
 
-def test_images_on_s3_listed_in_a_table_shard_byte_identical_and_missing_ones_are_quarantined(s3_bucket, tmp_path):
+def test_images_on_s3_listed_in_a_table_shard_byte_identical_and_missing_ones_are_quarantined(
+    s3_bucket, tmp_path
+):
     """A users' archive whose images live on S3 (a CSV of s3:// URLs): sizes come from one listing per folder,
     images are read by the writer's threads, a listed image missing from the bucket is quarantined by name."""
     import csv
@@ -189,7 +202,7 @@ def test_images_on_s3_listed_in_a_table_shard_byte_identical_and_missing_ones_ar
         writer.writerows(rows)
 
     dest = tmp_path / "shards"
-    result = sharding.shard_dataset(table, str(dest), maxcount=5, max_bad_fraction=0.1, progress=False)
+    result = shard_dataset(table, str(dest), maxcount=5, max_bad_fraction=0.1, progress=False)
     m = result.manifest
     assert (m["totals"]["samples"], m["totals"]["bad"], m["totals"]["listed"]) == (24, 1, 25)
     report = (dest / "_quarantine" / "report.jsonl").read_text()

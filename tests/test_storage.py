@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from pipelines import storage
-from pipelines.storage import (
+from pipelines import fsio as storage
+from pipelines.fsio import (
     StorageError,
     UnsafePathError,
     atomic_open,
@@ -23,7 +23,12 @@ from pipelines.storage import (
 
 def test_parse_storage_options_nests_and_coerces():
     opts = parse_storage_options(
-        ["anon=true", "default_block_size=8388608", "client_kwargs.region_name=eu-west-1", "endpoint_url=http://h:9"]
+        [
+            "anon=true",
+            "default_block_size=8388608",
+            "client_kwargs.region_name=eu-west-1",
+            "endpoint_url=http://h:9",
+        ]
     )
     assert opts == {
         "anon": True,
@@ -36,8 +41,20 @@ def test_parse_storage_options_nests_and_coerces():
 
 
 def test_redact_masks_credentials_but_keeps_endpoint():
-    shown = redact({"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x", "client_kwargs": {"aws_session_token": "t"}})
-    assert shown == {"key": "***", "secret": "***", "endpoint_url": "http://x", "client_kwargs": {"aws_session_token": "***"}}
+    shown = redact(
+        {
+            "key": "AKIA",
+            "secret": "s3cr3t",
+            "endpoint_url": "http://x",
+            "client_kwargs": {"aws_session_token": "t"},
+        }
+    )
+    assert shown == {
+        "key": "***",
+        "secret": "***",
+        "endpoint_url": "http://x",
+        "client_kwargs": {"aws_session_token": "***"},
+    }
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/../../x", "/etc/passwd", "s3://other/x", "a\\..\\b", ""])
@@ -97,8 +114,10 @@ def test_with_retries_retries_storage_errors_then_names_the_operation(caplog):
         calls.append(1)
         raise ConnectionResetError("peer went away")
 
-    with caplog.at_level(logging.WARNING, logger="pipelines.storage"):
-        with pytest.raises(StorageError, match=r"upload s3://b/k: storage still failing after 2 retries.*peer went away"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.fsio"):
+        with pytest.raises(
+            StorageError, match=r"upload s3://b/k: storage still failing after 2 retries.*peer went away"
+        ):
             with_retries(flaky, what="upload s3://b/k", retries=2, backoff=0.01)
     assert len(calls) == 3
     assert "retry 1/2" in caplog.text
@@ -132,7 +151,7 @@ def test_hashing_writer_hashes_writes_in_order_and_surfaces_write_errors():
     import hashlib
     import io
 
-    from pipelines.storage import HashingWriter
+    from pipelines.fsio import HashingWriter
 
     parts = [bytes([i]) * (i * 1000 + 1) for i in range(40)]
     for batch_bytes in (1 << 20, 5000, 0):  # one batch, a few parts per batch, every part on its own
@@ -141,7 +160,9 @@ def test_hashing_writer_hashes_writes_in_order_and_surfaces_write_errors():
             for p in parts:
                 out.write(p)
         assert sink.getvalue() == b"".join(parts)
-        assert out.hexdigest() == hashlib.sha256(b"".join(parts)).hexdigest() and out.size == len(sink.getvalue())
+        assert out.hexdigest() == hashlib.sha256(b"".join(parts)).hexdigest() and out.size == len(
+            sink.getvalue()
+        )
 
     class FailingSink(io.BytesIO):
         def write(self, data):

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.store import (
+from pipelines.store.store import (
     EmbeddingStore,
     StoreError,
     VersionWriter,

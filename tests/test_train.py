@@ -14,17 +14,16 @@ import boto3
 import pytest
 import torch
 
-from pipelines.train_data import (
+from pipelines.train.data import (
     Position,
     Rebatcher,
-    ShardRef,
     TrainShardStream,
     assign_shards,
     batches_for,
     lockstep_steps,
     make_loader,
-    shard_refs,
 )
+from pipelines.train.spec import ShardRef, shard_refs
 from ssjdn.batching import BadItem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,14 +32,29 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def make_shards(work: Path, dest: str, *, name: str = "synthetic", seed: int = 0, classes: int = 4,
-                n_per_class: int = 20, maxcount: int = 10, size: int = 40) -> dict:  # fmt: skip
+def make_shards(
+    work: Path,
+    dest: str,
+    *,
+    name: str = "synthetic",
+    seed: int = 0,
+    classes: int = 4,
+    n_per_class: int = 20,
+    maxcount: int = 10,
+    size: int = 40,
+) -> dict:
     """A synthetic dataset written as shards to `dest`; returns the manifest."""
-    from pipelines.shard import shard_dataset
+    from pipelines.shard.job import shard_dataset
     from ssjdn.data.synthetic import CLASSES, generate_synthetic
 
-    data = generate_synthetic(work / f"data-{name}-{seed}", n_per_class=n_per_class, seed=seed, size=size,
-                              classes=list(CLASSES[:classes]), name=name)  # fmt: skip
+    data = generate_synthetic(
+        work / f"data-{name}-{seed}",
+        n_per_class=n_per_class,
+        seed=seed,
+        size=size,
+        classes=list(CLASSES[:classes]),
+        name=name,
+    )
     return shard_dataset(data, dest, maxcount=maxcount, progress=False).manifest
 
 
@@ -53,7 +67,7 @@ def new_bucket(endpoint: str, prefix: str = "train") -> str:
 
 
 def train_keys(manifest: dict, url: str) -> set[str]:
-    from pipelines.shards_read import open_split
+    from pipelines.shard.read import open_split
 
     return {s["key"] for s in open_split(url, "train")}
 
@@ -74,8 +88,15 @@ def _collate(items):
 def _rank_batches(refs, rank, epoch, *, skip=(), workers=2, batch_size=8, take=None):
     from ssjdn.transforms import ImageTransform
 
-    stream = TrainShardStream(refs, transform=ImageTransform(32, train=True), epoch=epoch, seed=0, rank=rank,
-                              shuffle_buffer=16, skip=skip)  # fmt: skip
+    stream = TrainShardStream(
+        refs,
+        transform=ImageTransform(32, train=True),
+        epoch=epoch,
+        seed=0,
+        rank=rank,
+        shuffle_buffer=16,
+        skip=skip,
+    )
     pos = Position({w: n for w, n in enumerate(skip)})
     rb = Rebatcher(make_loader(stream, workers), batch_size, _collate, position=pos)
     out = []
@@ -138,7 +159,9 @@ def test_rebatcher_exact_batches_bad_entries_and_prefix_positions():
     first = next(rb3) + next(rb3)
     for w, stream in ((0, w0), (1, w1)):
         prefix = stream[: rb3.position.consumed[w]]
-        assert [it[3] for it in prefix if not isinstance(it, BadItem)] == [k for k in first if (k < "k100") == (w == 0)]
+        assert [it[3] for it in prefix if not isinstance(it, BadItem)] == [
+            k for k in first if (k < "k100") == (w == 0)
+        ]
 
 
 # ----------------------------------------------------------------------------------------------- streams
@@ -156,7 +179,9 @@ def test_each_train_sample_once_per_epoch_across_ranks_and_mid_epoch_resume(s3_s
         assert len(keys) == sum(s.samples for s in parts[rank])
         assert len(batches) == batches_for(len(keys), 8)
         assert all(len(b["keys"]) == 8 for b in batches[:-1])
-        assert all(b["pixels"].shape[1:] == (3, 32, 32) and torch.isfinite(b["pixels"]).all() for b in batches)
+        assert all(
+            b["pixels"].shape[1:] == (3, 32, 32) and torch.isfinite(b["pixels"]).all() for b in batches
+        )
         assert not rb.bad
         seen += keys
         full = full or batches
@@ -182,8 +207,16 @@ def _tar_with_bad_samples(path: Path, good_jpeg: bytes) -> list[str]:
     meta = {"captions": ["a scene"], "class_name": "airport", "class_index": 0}
     with open(path, "wb") as f, wds.TarWriter(f) as tw:
         for i in range(6):
-            tw.write({"__key__": f"good_{i}", "jpg": good_jpeg, "json": json.dumps(meta).encode(), "cls": b"0"})
-        tw.write({"__key__": "truncated_jpeg", "jpg": good_jpeg[: len(good_jpeg) // 3], "json": json.dumps(meta).encode()})
+            tw.write(
+                {"__key__": f"good_{i}", "jpg": good_jpeg, "json": json.dumps(meta).encode(), "cls": b"0"}
+            )
+        tw.write(
+            {
+                "__key__": "truncated_jpeg",
+                "jpg": good_jpeg[: len(good_jpeg) // 3],
+                "json": json.dumps(meta).encode(),
+            }
+        )
         tw.write({"__key__": "no_json", "jpg": good_jpeg})
         tw.write({"__key__": "no_caption", "jpg": good_jpeg, "json": json.dumps({"captions": []}).encode()})
     return ["truncated_jpeg", "no_json", "no_caption"]
@@ -211,15 +244,15 @@ def test_bad_samples_are_skipped_counted_and_named(tmp_path):
 
 
 def _opts(shards: str, storage: str, **kw):
-    from pipelines.train import TrainOptions
+    from pipelines.train.driver import TrainOptions
 
     return TrainOptions(config="tiny", shards=shards, storage=storage, **kw)
 
 
 @pytest.mark.integration
 def test_preflight_refuses_before_any_worker(s3_server, s3_shards, tmp_path):
-    from pipelines.train import TrainSetupError, prepare
-    from pipelines.train_storage import RunDir
+    from pipelines.train.driver import TrainSetupError, prepare
+    from pipelines.train.rundir import RunDir
 
     bucket = new_bucket(s3_server["endpoint_url"], "runs")
     storage = f"s3://{bucket}/runs"
@@ -233,7 +266,9 @@ def test_preflight_refuses_before_any_worker(s3_server, s3_shards, tmp_path):
 
     # a run is tied to its dataset: another dataset's shards under the same run name are refused
     first = prepare(_opts(s3_shards["url"], storage, name="r1"))
-    assert not first.resuming and RunDir(first.run_url).read_json("run.json")["dataset"]["name"] == "synthetic"
+    assert (
+        not first.resuming and RunDir(first.run_url).read_json("run.json")["dataset"]["name"] == "synthetic"
+    )
     other_url = f"s3://{bucket}/other"
     make_shards(tmp_path, other_url, name="othersyn", seed=5)
     with pytest.raises(TrainSetupError, match=r"trained on dataset 'synthetic' .* holds dataset 'othersyn'"):
@@ -251,28 +286,48 @@ def test_preflight_refuses_before_any_worker(s3_server, s3_shards, tmp_path):
 def test_cli_exits_2_with_the_reason_and_starts_no_ray(s3_server):
     bucket = new_bucket(s3_server["endpoint_url"], "empty")
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.train", "--config", "tiny", "--shards", f"s3://{bucket}/none",
-         "--storage", f"s3://{bucket}/runs", "--workers", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipelines.train",
+            "--config",
+            "tiny",
+            "--shards",
+            f"s3://{bucket}/none",
+            "--storage",
+            f"s3://{bucket}/runs",
+            "--workers",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"no shards at s3://{bucket}/none" in proc.stderr
     assert "Ray instance" not in proc.stderr + proc.stdout and "RayTrainWorker" not in proc.stderr
-    assert not boto3.client("s3", endpoint_url=s3_server["endpoint_url"]).list_objects_v2(Bucket=bucket).get("Contents")
+    assert (
+        not boto3.client("s3", endpoint_url=s3_server["endpoint_url"])
+        .list_objects_v2(Bucket=bucket)
+        .get("Contents")
+    )
 
 
 @pytest.mark.integration
 def test_ray_storage_reaches_the_custom_s3_endpoint(s3_server):
     import pyarrow.fs as pafs
 
-    from pipelines.train_storage import ray_storage, run_url
+    from pipelines.train.rundir import ray_storage, run_url
 
     bucket = new_bucket(s3_server["endpoint_url"], "pa")
     path, fs = ray_storage(f"s3://{bucket}/runs")
     assert path == f"{bucket}/runs" and isinstance(fs, pafs.S3FileSystem)
     with fs.open_output_stream(f"{path}/x/hello.txt") as f:  # what Ray Train does with checkpoints
         f.write(b"hi")
-    body = boto3.client("s3", endpoint_url=s3_server["endpoint_url"]).get_object(Bucket=bucket, Key="runs/x/hello.txt")
+    body = boto3.client("s3", endpoint_url=s3_server["endpoint_url"]).get_object(
+        Bucket=bucket, Key="runs/x/hello.txt"
+    )
     assert body["Body"].read() == b"hi"
     assert run_url(f"s3://{bucket}/runs", "r-1") == f"s3://{bucket}/runs/r-1"
     with pytest.raises(ValueError, match="run name"):
@@ -280,13 +335,30 @@ def test_ray_storage_reaches_the_custom_s3_endpoint(s3_server):
 
 
 def test_ssjdn_train_subcommand_has_the_same_arguments():
-    from pipelines.cli import build_parser
+    from ssjdn_cli.main import build_parser
 
-    args = build_parser().parse_args(["train", "--config", "tiny", "--shards", "s3://b/s", "--storage", "/tmp/r",
-                                      "--workers", "3", "--gpu", "--epochs", "4", "--resume", "never",
-                                      "--set", "train.batch_size=16"])  # fmt: skip
-    from pipelines.train import options_from_args
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--shards",
+            "s3://b/s",
+            "--storage",
+            "/tmp/r",
+            "--workers",
+            "3",
+            "--gpu",
+            "--epochs",
+            "4",
+            "--resume",
+            "never",
+            "--set",
+            "train.batch_size=16",
+        ]
+    )
+    from pipelines.train.driver import options_from_args
 
     opts = options_from_args(args)
     assert (opts.workers, opts.gpu, opts.epochs, opts.resume) == (3, True, 4, "never")
-    assert opts.overrides == {"train.batch_size": 16} and args._run.__module__ == "pipelines.commands.train"
+    assert opts.overrides == {"train.batch_size": 16} and args._run.__module__ == "pipelines.train.cli"

@@ -22,7 +22,9 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
 def _prefect(args: list[str], env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_prefect_deployment_trains_as_a_ray_job(prefect_server, ray_head, s3_server, tmp_path):
@@ -30,24 +32,64 @@ def test_prefect_deployment_trains_as_a_ray_job(prefect_server, ray_head, s3_ser
     shards = f"s3://{bucket}/synthetic"
     make_shards(tmp_path, shards, n_per_class=20, maxcount=10)
     storage = f"s3://{bucket}/runs"
-    env = {**os.environ, **prefect_server["env"], **ray_head["env"], "PREFECT": PREFECT,
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        **prefect_server["env"],
+        **ray_head["env"],
+        "PREFECT": PREFECT,
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+    }
 
-    setup = subprocess.run(["bash", str(REPO / "infra/prefect/setup-work-pool.sh")], cwd=REPO, env={**env, "DEPLOY": "0"},
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    setup = subprocess.run(
+        ["bash", str(REPO / "infra/prefect/setup-work-pool.sh")],
+        cwd=REPO,
+        env={**env, "DEPLOY": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert setup.returncode == 0, setup.stdout + setup.stderr
     deploy = _prefect(["--no-prompt", "deploy", "--name", "train-ssjdn"], env)
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     worker_log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
-    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "ssjdn-process", "--type", "process"], cwd=REPO,
-                              env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "ssjdn-process", "--type", "process"],
+        cwd=REPO,
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        params = {"config": "tiny", "shards": shards, "storage": storage, "workers": 2, "epochs": 1,
-                  "ray_address": ray_head["dashboard"], "python": sys.executable, "name": "from-prefect",
-                  "overrides": {"train.batch_size": 8}}  # fmt: skip
-        run = _prefect(["deployment", "run", "train-ssjdn/train-ssjdn", "--params", json.dumps(params), "--watch",
-                        "--watch-timeout", "600"], env, timeout=700)  # fmt: skip
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
+        params = {
+            "config": "tiny",
+            "shards": shards,
+            "storage": storage,
+            "workers": 2,
+            "epochs": 1,
+            "ray_address": ray_head["dashboard"],
+            "python": sys.executable,
+            "name": "from-prefect",
+            "overrides": {"train.batch_size": 8},
+        }
+        run = _prefect(
+            [
+                "deployment",
+                "run",
+                "train-ssjdn/train-ssjdn",
+                "--params",
+                json.dumps(params),
+                "--watch",
+                "--watch-timeout",
+                "600",
+            ],
+            env,
+            timeout=700,
+        )
+        assert run.returncode == 0, (
+            run.stdout[-3000:] + run.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
+        )
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=30)
@@ -58,7 +100,9 @@ def test_prefect_deployment_trains_as_a_ray_job(prefect_server, ray_head, s3_ser
 
     async def artifact_and_logs():
         async with get_client() as client:
-            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-ssjdn-metrics"])))
+            arts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-ssjdn-metrics"]))
+            )
             logs: list = []
             while batch := await client.read_logs(limit=200, offset=len(logs)):
                 logs += batch
@@ -73,10 +117,12 @@ def test_prefect_deployment_trains_as_a_ray_job(prefect_server, ray_head, s3_ser
     table = json.loads(newest.data) if isinstance(newest.data, str) else newest.data
     assert [row["epoch"] for row in table] == [0, 1] and all("val_mR" in row for row in table)
     messages = "\n".join(log.message for log in logs)
-    assert "submitted Ray job ssjdn-train-from-prefect-" in messages or "ssjdn-train-from-prefect-" in messages
+    assert (
+        "submitted Ray job ssjdn-train-from-prefect-" in messages or "ssjdn-train-from-prefect-" in messages
+    )
     assert "epoch 1/1" in messages  # the Ray job's own log lines, streamed into the flow run's log
 
-    from pipelines.train_storage import RunDir
+    from pipelines.train.rundir import RunDir
 
     run_dir = RunDir(f"{storage}/from-prefect")
     assert [r["epoch"] for r in run_dir.read_jsonl("metrics.jsonl")] == [0, 1] and run_dir.checkpoints()
@@ -88,7 +134,7 @@ def test_job_submission_is_idempotent_and_fails_with_the_job(ray_head, monkeypat
     import shlex
     import uuid
 
-    from pipelines.train_submit import JobFailedError, submission_base, submit_and_wait
+    from pipelines.train.submit import JobFailedError, submission_base, submit_and_wait
 
     for k, v in ray_head["env"].items():
         monkeypatch.setenv(k, v)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.train_data import assign_shards, lockstep_steps, shard_refs
+from pipelines.train.data import assign_shards, lockstep_steps
+from pipelines.train.spec import shard_refs
 from tests.test_train import make_shards, new_bucket, train_keys
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,7 @@ def _steps_until(shards_info, epochs: int, world: int = 2, batch: int = 8) -> in
 
 
 def _run(url: str):
-    from pipelines.train_storage import RunDir
+    from pipelines.train.rundir import RunDir
 
     return RunDir(url)
 
@@ -54,7 +55,9 @@ def _epochs_in(run) -> list[int]:
 def _assert_epoch_exact(run, epoch: int, keys: set[str]) -> None:
     plan = run.read_json(f"plan/epoch-{epoch:04d}.json")
     seen = Counter(k for r in plan["ranks"] for k in r["keys"])
-    assert seen == Counter(keys), f"epoch {epoch}: missing {keys - set(seen)}, twice {[k for k, n in seen.items() if n > 1]}"
+    assert seen == Counter(keys), (
+        f"epoch {epoch}: missing {keys - set(seen)}, twice {[k for k, n in seen.items() if n > 1]}"
+    )
     shard_lists = [set(r["shards"]) for r in plan["ranks"]]
     assert not shard_lists[0] & shard_lists[1]
     assert len({r["digest"] for r in plan["ranks"]}) == 1  # the same weights on every rank
@@ -62,7 +65,8 @@ def _assert_epoch_exact(run, epoch: int, keys: set[str]) -> None:
 
 def _alive_train_workers(ray_head) -> int:
     req = urllib.request.Request(
-        f"{ray_head['dashboard']}/api/v0/actors?limit=1000", headers={"Authorization": f"Bearer {ray_head['token']}"}
+        f"{ray_head['dashboard']}/api/v0/actors?limit=1000",
+        headers={"Authorization": f"Bearer {ray_head['token']}"},
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         actors = json.loads(resp.read())["data"]["result"]["result"]
@@ -72,9 +76,13 @@ def _alive_train_workers(ray_head) -> int:
 def _driver(ray_head, args: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pipelines.train", *TINY, "--address", ray_head["address"], *args],
-        cwd=REPO, env={**os.environ, **ray_head["env"], **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )  # fmt: skip
+        cwd=REPO,
+        env={**os.environ, **ray_head["env"], **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_ray_job_submit_on_two_nodes_survives_a_killed_worker(ray_head, shards, s3_server):
@@ -88,15 +96,48 @@ def test_ray_job_submit_on_two_nodes_survives_a_killed_worker(ray_head, shards, 
     storage = f"s3://{new_bucket(s3_server['endpoint_url'], 'runs')}/runs"
     kill_at = 5  # one step after the mid-epoch checkpoint at step 4
     sid = f"ssjdn-test-{uuid.uuid4().hex[:8]}"
-    cmd = [RAY_CLI, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
-           "--submission-id", sid, "--runtime-env-json", json.dumps({"env_vars": {"SSJDN_FAULT_KILL_AT_STEP": str(kill_at)}}),
-           "--", sys.executable, "-m", "pipelines.train", *TINY, "--shards", shards["url"], "--storage", storage,
-           "--name", "two-nodes", "--workers", "2", "--placement", "SPREAD", "--epochs", "1",
-           "--checkpoint-every", "4", "--audit-keys", "--progress-every", "4"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ray_head["env"]}, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    cmd = [
+        RAY_CLI,
+        "job",
+        "submit",
+        "--address",
+        ray_head["dashboard"],
+        "--working-dir",
+        str(REPO),
+        "--submission-id",
+        sid,
+        "--runtime-env-json",
+        json.dumps({"env_vars": {"SSJDN_FAULT_KILL_AT_STEP": str(kill_at)}}),
+        "--",
+        sys.executable,
+        "-m",
+        "pipelines.train",
+        *TINY,
+        "--shards",
+        shards["url"],
+        "--storage",
+        storage,
+        "--name",
+        "two-nodes",
+        "--workers",
+        "2",
+        "--placement",
+        "SPREAD",
+        "--epochs",
+        "1",
+        "--checkpoint-every",
+        "4",
+        "--audit-keys",
+        "--progress-every",
+        "4",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, **ray_head["env"]}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    client = JobSubmissionClient(ray_head["dashboard"], headers={"Authorization": f"Bearer {ray_head['token']}"})
+    client = JobSubmissionClient(
+        ray_head["dashboard"], headers={"Authorization": f"Bearer {ray_head['token']}"}
+    )
     assert client.get_job_status(sid) == "SUCCEEDED"
     assert "SSJDN_TRAIN_SUMMARY" in proc.stdout
 
@@ -107,26 +148,48 @@ def test_ray_job_submit_on_two_nodes_survives_a_killed_worker(ray_head, shards, 
     for a in attempts:
         assert len({w["node_id"] for w in a["workers"]}) == 2  # one worker per raylet
     resumed = attempts[1]["resumed_from"]
-    assert resumed == f"{storage}/two-nodes/checkpoint-e0000-s{kill_at - 1:07d}-m", resumed  # right before the kill
+    assert resumed == f"{storage}/two-nodes/checkpoint-e0000-s{kill_at - 1:07d}-m", (
+        resumed
+    )  # right before the kill
     assert attempts[1]["mid_epoch"] and attempts[1]["step"] == kill_at - 1
-    _assert_epoch_exact(run, 1, shards["keys"])  # across the kill: disjoint shards per node, same weights, once each
+    _assert_epoch_exact(
+        run, 1, shards["keys"]
+    )  # across the kill: disjoint shards per node, same weights, once each
     plan = run.read_json("plan/epoch-0001.json")
     assert len({r["node_id"] for r in plan["ranks"]}) == 2
     names = run.checkpoints()
     assert names[-1].startswith("checkpoint-e0001-") and len(names) <= 2
     ckpt = load_checkpoint(run.fs.cat_file(run.path(f"{names[-1]}/checkpoint.pt")))
-    assert ckpt["epoch"] == 1 and ckpt["step"] == _steps_until(shards, 1) and ckpt["extra"]["position"] is None
-    assert ckpt["optimizer"] is not None and ckpt["scheduler"] is not None and ckpt["config"]["name"] == "tiny"
+    assert (
+        ckpt["epoch"] == 1 and ckpt["step"] == _steps_until(shards, 1) and ckpt["extra"]["position"] is None
+    )
+    assert (
+        ckpt["optimizer"] is not None and ckpt["scheduler"] is not None and ckpt["config"]["name"] == "tiny"
+    )
     assert run.read_json("best/metrics.json")["epoch"] == 1 and run.exists("best/checkpoint.pt")
     assert run.read_json("summary.json")["epochs"] == 1
 
 
-def test_whole_job_killed_resumes_then_nan_loss_stops_and_keeps_the_last_good_checkpoint(ray_head, shards, s3_server):
+def test_whole_job_killed_resumes_then_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    ray_head, shards, s3_server
+):
     from ssjdn.checkpoint import load_checkpoint
 
     storage = f"s3://{new_bucket(s3_server['endpoint_url'], 'runs')}/runs"
-    common = ["--shards", shards["url"], "--storage", storage, "--name", "job-kill", "--workers", "2",
-              "--epochs", "3", "--progress-every", "2"]  # fmt: skip
+    common = [
+        "--shards",
+        shards["url"],
+        "--storage",
+        storage,
+        "--name",
+        "job-kill",
+        "--workers",
+        "2",
+        "--epochs",
+        "3",
+        "--progress-every",
+        "2",
+    ]
     run = _run(f"{storage}/job-kill")
 
     # 1. the whole job (driver, controller, workers) dies by SIGKILL in epoch 2, once Ray has committed the
@@ -136,11 +199,16 @@ def test_whole_job_killed_resumes_then_nan_loss_stops_and_keeps_the_last_good_ch
     while True:
         progress = run.read_json("progress.json") or {}
         snapshot = run.read_json("checkpoint_manager_snapshot.json") or {}
-        if (progress.get("epoch", 0) >= 2 and snapshot.get("latest_checkpoint_result")) or first.poll() is not None \
-                or time.monotonic() > deadline:  # fmt: skip
+        if (
+            (progress.get("epoch", 0) >= 2 and snapshot.get("latest_checkpoint_result"))
+            or first.poll() is not None
+            or time.monotonic() > deadline
+        ):
             break
         time.sleep(0.5)
-    assert first.poll() is None, f"the first job ended before it could be killed:\n{first.stdout.read()[-3000:]}"
+    assert first.poll() is None, (
+        f"the first job ended before it could be killed:\n{first.stdout.read()[-3000:]}"
+    )
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
     while _alive_train_workers(ray_head) and time.monotonic() < deadline:  # Ray reaps the dead job's workers
@@ -160,12 +228,20 @@ def test_whole_job_killed_resumes_then_nan_loss_stops_and_keeps_the_last_good_ch
     attempts = run.read_jsonl("attempts.jsonl")
     assert len(attempts) >= 2, out[-5000:]
     restart = attempts[1]
-    assert (restart["resumed_from"], restart["epochs_done"], restart["step"]) == (good, done, nan_at - 1), restart
-    assert done >= 1 and _epochs_in(run) == list(range(done + 1))  # metrics follow the checkpoint resumed from
+    assert (restart["resumed_from"], restart["epochs_done"], restart["step"]) == (good, done, nan_at - 1), (
+        restart
+    )
+    assert done >= 1 and _epochs_in(run) == list(
+        range(done + 1)
+    )  # metrics follow the checkpoint resumed from
     assert "NonFiniteLoss" in out and f"epoch {done + 1}, step {nan_at}" in out, out[-3000:]
     assert f"Last good checkpoint: {good};" in out, out[-3000:]
     ckpt = load_checkpoint(run.fs.cat_file(run.path(f"{good_name}/checkpoint.pt")))
-    assert ckpt["epoch"] == done and all(bool(v.isfinite().all()) for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["epoch"] == done and all(
+        bool(v.isfinite().all()) for v in ckpt["model"].values() if v.is_floating_point()
+    )
     assert run.checkpoints() == before  # the failed attempt wrote no checkpoint
     names = [p.rsplit("/", 1)[-1] for p in run.fs.ls(run.root, detail=False)]
-    assert "fatal.json" not in names and any(n.startswith("fatal-") for n in names)  # archived: a re-run continues
+    assert "fatal.json" not in names and any(
+        n.startswith("fatal-") for n in names
+    )  # archived: a re-run continues

@@ -1,0 +1,507 @@
+"""`ssjdn embed`: a Ray Data job that embeds an archive with a trained checkpoint into the Parquet store.
+
+    units (shards / image chunks) -> read + decode + preprocess (parallel tasks)
+          -> encode (map_batches, callable class on an ActorPoolStrategy: model loaded once per actor, GPU if asked)
+          -> driver: rows grouped per unit; a complete unit is staged, then committed (pipelines.store)
+
+Every unit ends with a marker row that carries its sample count, so the driver knows when a unit is
+complete without the job keeping any order. Units are committed in groups (every `commit_every_s`
+seconds and at the end): a killed run loses at most the uncommitted ones, and the re-run does only those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from pipelines.embed.encoders import CheckpointBlob, read_checkpoint, restore_encoders
+from pipelines.embed.sources import DEFAULT_CHUNK, discover, plan_units, read_unit
+from pipelines.store.store import DTYPES, EmbeddingStore, VersionWriter, build_table
+
+log = logging.getLogger(__name__)
+
+OBJECT_STORE_BUDGET = 256 << 20  # bytes of queued blocks per encoder actor (see _run)
+READ_BATCH = 32  # samples per block leaving a read task (bounds block size: 32 x 3 x 256 x 256 x 4 B = 25 MB)
+_ENV_PREFIXES = ("AWS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "SSJDN_", "OMP_")
+OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@dataclass
+class EmbedReport:
+    model_id: str
+    store_url: str
+    version_url: str
+    archive_kind: str
+    units_total: int
+    units_done_before: int
+    units_embedded: int = 0
+    images: int = 0
+    captions: int = 0
+    bad: list[dict[str, str]] = field(default_factory=list)
+    failed_units: list[dict[str, str]] = field(default_factory=list)
+    changed_units: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    # job start -> first embeddings back at the driver (actor start-up and model load)
+    first_result_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        return (
+            f"embedded {self.images} images and {self.captions} captions from {self.units_embedded} new unit(s) "
+            f"({self.units_done_before} already in the store, {len(self.bad)} bad sample(s) skipped, "
+            f"{len(self.failed_units)} unit(s) failed) into {self.version_url} in {self.seconds:.1f}s"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- Ray stages
+
+
+def _nan(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _rows_to_batch(rows: list[dict[str, Any]], pixel_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    pixels = np.zeros((len(rows), *pixel_shape), np.float32)
+    for i, r in enumerate(rows):
+        if r.get("pixels") is not None:
+            pixels[i] = r["pixels"]
+    obj = lambda name: np.array([r.get(name) or "" for r in rows], dtype=object)  # noqa: E731
+    return {
+        "kind": obj("kind"),
+        "unit": obj("unit"),
+        "key": obj("key"),
+        "source": obj("source"),
+        "split": obj("split"),
+        "class": obj("class"),
+        "lat": np.array([_nan(r.get("lat")) for r in rows], np.float64),
+        "lon": np.array([_nan(r.get("lon")) for r in rows], np.float64),
+        "captions": np.array([json.dumps(r.get("captions") or []) for r in rows], dtype=object),
+        "error": obj("error"),
+        "count": np.array([int(r.get("count") or 0) for r in rows], np.int64),
+        "want": np.array([r.get("pixels") is not None for r in rows], bool),
+        "pixels": pixels,
+    }
+
+
+def read_units(
+    batch: dict[str, np.ndarray], *, image_size: int, mean, std, storage_options: dict[str, Any] | None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data stage (tasks): unit specs (JSON) in, their preprocessed samples out in blocks of READ_BATCH rows."""
+    from ssjdn.transforms import ImageTransform
+
+    transform = ImageTransform(image_size, train=False, mean=mean, std=std)
+    for spec in batch["unit"]:
+        yield from _read_one(json.loads(spec), transform, (3, image_size, image_size), storage_options)
+
+
+def _read_one(unit: dict[str, Any], transform, shape, storage_options) -> Iterator[dict[str, np.ndarray]]:
+    from ssjdn.data.images import decode_image
+
+    want_images = "images" in unit["tables"]
+    want_captions = "captions" in unit["tables"]
+    rows: list[dict[str, Any]] = []
+    count = 0
+    error = None
+    try:
+        for s in read_unit(unit, storage_options):
+            row = {
+                k: s.get(k) for k in ("key", "source", "split", "class", "lat", "lon", "captions", "error")
+            }
+            row.update(kind="sample", unit=unit["id"])
+            if not want_captions:  # the encoder embeds every caption it is given
+                row["captions"] = []
+            if row["error"] is None and want_images:
+                try:
+                    row["pixels"] = transform.array(
+                        decode_image(s["image"], s["name"])
+                    )  # numpy: no torch here
+                except Exception as exc:  # ImageDecodeError names the file; anything else is a bad image too
+                    row["error"] = str(exc) or type(exc).__name__
+            rows.append(row)
+            count += 1
+            if len(rows) >= READ_BATCH:
+                yield _rows_to_batch(rows, shape)
+                rows = []
+    except Exception as exc:  # the unit itself is unreadable (missing, truncated tar, storage down)
+        error = f"{type(exc).__name__}: {exc}"
+    if rows:
+        yield _rows_to_batch(rows, shape)
+    eof = {"kind": "eof", "unit": unit["id"], "count": count, "error": error}
+    yield _rows_to_batch([eof], shape)
+
+
+OUT_COLUMNS = (
+    "table",
+    "unit",
+    "key",
+    "image_key",
+    "caption_index",
+    "caption",
+    "source",
+    "split",
+    "class",
+    "lat",
+    "lon",
+    "error",
+    "count",
+)
+
+
+class EncodeBatch:
+    """Ray Data stage (callable class on an actor pool): the checkpoint's model is loaded once per actor."""
+
+    def __init__(self, checkpoint: list, device: str, threads: int) -> None:
+        import ray
+        import torch
+
+        if device == "cpu" and threads > 0:
+            # Ray sets OMP_NUM_THREADS from the actor's CPUs; use exactly the threads it was given.
+            torch.set_num_threads(threads)
+        blob = checkpoint[0]
+        blob = ray.get(blob) if isinstance(blob, ray.ObjectRef) else blob
+        self.enc = restore_encoders(blob, device=device)
+        self.dim = self.enc.dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["kind"])
+        usable = (batch["kind"] == "sample") & (batch["error"] == "")
+        want = batch["want"].astype(bool) & usable
+        out: dict[str, list] = {k: [] for k in OUT_COLUMNS}
+        embs: list[np.ndarray] = []
+        pixels = batch["pixels"][want]
+        img = self.enc.encode_pixels(pixels) if len(pixels) else np.empty((0, self.dim), np.float32)
+        img_iter = iter(img)
+        texts, text_rows = [], []
+        for i in range(n):
+            kind = batch["kind"][i]
+            table = "eof" if kind == "eof" else "bad" if not usable[i] else "images" if want[i] else "noimage"
+            self._append(out, batch, i, table)
+            embs.append(next(img_iter) if table == "images" else np.zeros(self.dim, np.float32))
+            if usable[i]:
+                for j, cap in enumerate(json.loads(batch["captions"][i])):
+                    texts.append(cap)
+                    text_rows.append((i, j, cap))
+        if texts:
+            cap_emb = self.enc.encode_texts(texts)
+            for (i, j, cap), e in zip(text_rows, cap_emb):
+                self._append(out, batch, i, "captions", caption=(j, cap))
+                embs.append(e)
+        result = {k: np.array(v, dtype=object) for k, v in out.items()}
+        for k in ("lat", "lon"):
+            result[k] = np.array(out[k], np.float64)
+        for k, v in result.items():  # empty object arrays would lose their type
+            if v.dtype == object and len(v) == 0:
+                result[k] = np.array([], dtype=str)
+        result["count"] = np.array(out["count"], np.int64)
+        result["caption_index"] = np.array(out["caption_index"], np.int64)
+        result["embedding"] = (
+            np.stack(embs).astype(np.float32) if embs else np.empty((0, self.dim), np.float32)
+        )
+        return result
+
+    @staticmethod
+    def _append(out, batch, i, table, caption=None) -> None:
+        key = batch["key"][i]
+        out["table"].append(table)
+        out["unit"].append(batch["unit"][i])
+        out["key"].append(f"{key}__cap{caption[0]}" if caption else key)
+        out["image_key"].append(key)
+        out["caption_index"].append(caption[0] if caption else -1)
+        out["caption"].append(caption[1] if caption else "")
+        for k in ("source", "split", "class", "lat", "lon", "error", "count"):
+            out[k].append(batch[k][i])
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+class _UnitRows:
+    """Rows of one unit collected by the driver until its marker and all its samples have arrived."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, dict[str, list]] = {"images": {}, "captions": {}}
+        self.embs: dict[str, list[np.ndarray]] = {"images": [], "captions": []}
+        self.samples = 0
+        self.expected: int | None = None
+        self.error: str | None = None
+        self.bad: list[dict[str, str]] = []
+
+    def add(self, table: str, row: dict[str, Any], emb: np.ndarray) -> None:
+        if table in ("images", "bad", "noimage"):
+            self.samples += 1
+        if table == "bad":
+            self.bad.append({"key": row["key"], "reason": row["error"]})
+            return
+        if table not in self.cols:
+            return
+        cols = self.cols[table]
+        names = ["key", "source", "split", "class", "lat", "lon"]
+        if table == "captions":
+            names += ["image_key", "caption_index", "caption"]
+        for name in names:
+            v = row[name]
+            if name in ("lat", "lon"):
+                v = None if math.isnan(v) else float(v)
+            elif name == "caption_index":
+                v = int(v)
+            elif v == "" and name in ("split", "class"):
+                v = None
+            cols.setdefault(name, []).append(v)
+        self.embs[table].append(emb)
+
+    @property
+    def complete(self) -> bool:
+        return self.expected is not None and self.samples >= self.expected
+
+
+def _remote_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+
+
+def _ensure_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to `address` (or RAY_ADDRESS) or start a local Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs["address"] = address
+    else:
+        # More logical CPUs than cores: read tasks and encoder actors must not starve each other (PITFALLS).
+        kwargs["num_cpus"] = num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    ray.init(runtime_env={"env_vars": _remote_env()}, **kwargs)
+    return True
+
+
+def embed_archive(
+    archive_url: str,
+    store_url: str,
+    checkpoint_url: str,
+    *,
+    captions: bool = False,
+    batch_size: int = 64,
+    concurrency: int = 1,
+    gpu: bool = False,
+    dtype: str = "float32",
+    splits: list[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    store_options: dict[str, Any] | None = None,
+    max_rows_per_file: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    commit_every_s: float = 30.0,
+    threads_per_actor: int | None = None,
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> EmbedReport:
+    """Embed what `archive_url` holds that the store's version for this checkpoint does not have yet."""
+    t0 = time.monotonic()
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} must be one of {sorted(DTYPES)}")
+    blob = read_checkpoint(checkpoint_url, storage_options)
+    enc = restore_encoders(blob)  # fail fast, before any Ray work, when the checkpoint does not load
+    store = EmbeddingStore(store_url, store_options if store_options is not None else storage_options)
+    writer_kwargs = {"max_rows_per_file": max_rows_per_file} if max_rows_per_file else {}
+    writer = VersionWriter(store, blob.model_id, enc.model_info(blob, dtype), **writer_kwargs)
+    tables = ("images", "captions") if captions else ("images",)
+    kind, shard_units, samples = discover(archive_url, storage_options, splits=splits)
+    todo, complete, changed = plan_units(shard_units, samples, writer.done(), tables, chunk_size)
+    report = EmbedReport(
+        model_id=blob.model_id,
+        store_url=store.url,
+        version_url=store.version_url(blob.model_id),
+        archive_kind=kind,
+        units_total=len(todo) + complete,
+        units_done_before=complete,
+        changed_units=changed,
+    )
+    for uid in changed:
+        log.warning("unit %s changed since it was embedded; it is not re-embedded (use a fresh store)", uid)
+    if not todo:
+        report.seconds = time.monotonic() - t0
+        log.info(
+            "nothing new in %s for model %s: store %s unchanged", archive_url, blob.model_id[:12], store.url
+        )
+        return report
+    log.info(
+        "embedding %d unit(s) of %s (%s; %d already in the store) with model %s -> %s",
+        len(todo),
+        archive_url,
+        kind,
+        complete,
+        blob.model_id[:12],
+        report.version_url,
+    )
+    writer.remove_stale_staging()
+    started = _ensure_ray(ray_address, None)
+    try:
+        _run(
+            todo,
+            enc,
+            blob,
+            writer,
+            report,
+            tables,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            gpu=gpu,
+            dtype=dtype,
+            storage_options=storage_options,
+            commit_every_s=commit_every_s,
+            threads=threads_per_actor,
+            progress=progress,
+            started_here=started,
+        )
+    finally:
+        writer.close()
+        if started:
+            import ray
+
+            ray.shutdown()
+    report.seconds = time.monotonic() - t0
+    for b in report.bad:
+        log.warning("bad sample skipped: %s: %s", b["key"], b["reason"])
+    for f in report.failed_units:
+        log.error("unit not embedded (re-run to retry): %s: %s", f["unit"], f["reason"])
+    log.info("%s", report.summary())
+    return report
+
+
+def _run(
+    todo,
+    enc,
+    blob: CheckpointBlob,
+    writer: VersionWriter,
+    report: EmbedReport,
+    tables,
+    *,
+    batch_size,
+    concurrency,
+    gpu,
+    dtype,
+    storage_options,
+    commit_every_s,
+    threads,
+    progress,
+    started_here,
+) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    # Backpressure: decoded pixel blocks waiting for the encoder may take this much of the object store, not a
+    # fraction of it. Decoding outruns encoding, so without a cap the queue - and the job's memory - grows with
+    # the archive until Ray's default budget (30 % of the object store) is reached.
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(
+        object_store_memory=OBJECT_STORE_BUDGET * max(1, concurrency)
+    )
+    cfg = enc.cfg
+    units = {u["id"]: u for u in todo}
+    # Workers of a cluster we did not start may lack the storage/offline variables: pass them per stage.
+    remote = {} if started_here else {"runtime_env": {"env_vars": _remote_env()}}
+    # Idle OpenMP threads must sleep, not spin: spinning threads of several processes on few cores starve
+    # each other (it has to be in the environment before torch starts, hence the actor's runtime env).
+    encoder_env = {**(_remote_env() if not started_here else {}), "OMP_WAIT_POLICY": OMP_WAIT_POLICY}
+    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        read_units,
+        batch_size=1,
+        fn_kwargs={
+            "image_size": int(cfg.data.image_size),
+            "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std),
+            "storage_options": storage_options,
+        },
+        num_cpus=1,
+        **remote,
+    )
+    cpu_threads = threads or max(1, (os.cpu_count() or 1) // max(1, concurrency))
+    ds = ds.map_batches(
+        EncodeBatch,
+        batch_size=int(batch_size),
+        compute=ActorPoolStrategy(size=concurrency),
+        fn_constructor_kwargs={
+            "checkpoint": [ray.put(blob)],
+            "device": "cuda" if gpu else "cpu",
+            "threads": 0 if gpu else cpu_threads,
+        },
+        # Honest CPU accounting (the actor runs `cpu_threads` torch threads); it also keeps Ray from fusing the
+        # decode tasks into the encoder actors, so decoding overlaps encoding in other processes.
+        num_cpus=1 if gpu else cpu_threads,
+        num_gpus=1 if gpu else 0,
+        runtime_env={"env_vars": encoder_env},
+    )
+    buffers: dict[str, _UnitRows] = {}
+    created_at = datetime.now(timezone.utc)
+    started = last_commit = time.monotonic()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if report.first_result_s is None:
+            report.first_result_s = time.monotonic() - started
+        emb = batch["embedding"]
+        touched = set()
+        for i in range(len(batch["table"])):
+            table, uid = batch["table"][i], batch["unit"][i]
+            buf = buffers.setdefault(uid, _UnitRows())
+            touched.add(uid)
+            if table == "eof":
+                buf.expected, buf.error = int(batch["count"][i]), batch["error"][i] or None
+            else:
+                buf.add(table, {k: batch[k][i] for k in batch if k not in ("embedding", "table")}, emb[i])
+        # A sample's caption rows travel in the same output batch as its image row: check after the batch.
+        for uid in touched:
+            if buffers[uid].complete:
+                _finish_unit(units[uid], buffers.pop(uid), writer, report, dtype, created_at)
+        if time.monotonic() - last_commit >= commit_every_s:
+            writer.commit()
+            last_commit = time.monotonic()
+    writer.commit()
+    log.debug("Ray Data stats:\n%s", ds.stats())
+    for uid, buf in buffers.items():  # never completed: the stream ended early
+        report.failed_units.append(
+            {"unit": uid, "reason": buf.error or "incomplete: not every sample came back"}
+        )
+
+
+def _finish_unit(
+    unit, buf: _UnitRows, writer: VersionWriter, report: EmbedReport, dtype: str, created_at
+) -> None:
+    expected = unit.get("expected")
+    if buf.error or (expected is not None and buf.samples < expected):
+        reason = buf.error or f"read {buf.samples} of the {expected} samples the archive lists"
+        report.failed_units.append({"unit": unit["id"], "reason": reason})
+        return
+    out = {}
+    for table in unit["tables"]:
+        embs = np.stack(buf.embs[table]) if buf.embs[table] else np.empty((0, writer.dim), np.float32)
+        out[table] = build_table(
+            table,
+            buf.cols[table],
+            embs,
+            dim=writer.dim,
+            model_id=writer.model_id,
+            dtype=dtype,
+            created_at=created_at,
+        )
+    entry = {k: unit.get(k) for k in ("id", "kind", "url", "split", "fingerprint")}
+    if unit["kind"] == "files":
+        entry["keys"] = sorted(s["key"] for s in unit["samples"])
+    entry["bad"] = buf.bad
+    writer.stage(entry, out)
+    report.units_embedded += 1
+    report.images += out["images"].num_rows if "images" in out else 0
+    report.captions += out["captions"].num_rows if "captions" in out else 0
+    report.bad.extend({"unit": unit["id"], **b} for b in buf.bad)

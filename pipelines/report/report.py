@@ -1,0 +1,125 @@
+"""The demo's outputs a person looks at: the results table, the training curve (PNG) and `report.html`."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from pipelines.search.query import QueryResult
+
+COLUMNS = [
+    ("i2t_r1", "I→T R@1"),
+    ("i2t_r5", "I→T R@5"),
+    ("i2t_r10", "I→T R@10"),
+    ("t2i_r1", "T→I R@1"),
+    ("t2i_r5", "T→I R@5"),
+    ("t2i_r10", "T→I R@10"),
+    ("mr", "mR"),
+    ("cls_mr", "class-level mR"),
+]
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    return "–" if value is None else f"{value:.2f}"
+
+
+def results_markdown(rows: dict[str, dict[str, Any]], title: str) -> str:
+    """A Markdown table: one line per model (trained, untrained, chance), percent recall."""
+    head = "| model | " + " | ".join(name for _, name in COLUMNS) + " |"
+    sep = "|---|" + "---:|" * len(COLUMNS)
+    lines = [f"### {title}", "", head, sep]
+    lines += [f"| {name} | " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for name, r in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def results_html(rows: dict[str, dict[str, Any]]) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(name)}</th>" for _, name in COLUMNS)
+    body = "".join(
+        f"<tr><td>{esc(name)}</td>" + "".join(f"<td>{_cell(r, k)}</td>" for k, _ in COLUMNS) + "</tr>"
+        for name, r in rows.items()
+    )
+    return f"<table class='results'><tr><th>model</th>{head}</tr>{body}</table>"
+
+
+def plot_training_curve(history: list[dict[str, Any]], split: str, path: str | Path, *, title: str) -> Path:
+    """Training loss and `split` mR per epoch (epoch 0 = before training) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    evals = [(r["epoch"], r[split]["mr"]) for r in history if isinstance(r.get(split), dict)]
+    losses = [(r["epoch"], r["train"]["loss"]) for r in history if isinstance(r.get("train"), dict)]
+    fig, ax_mr = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    if evals:
+        ax_mr.plot(*zip(*evals), "o-", color="tab:blue", label=f"{split} mR (%)")
+    ax_mr.set_xlabel("epoch (0 = before training)")
+    ax_mr.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax_mr.set_ylabel(f"{split} mR (%)", color="tab:blue")
+    if losses:
+        ax_loss = ax_mr.twinx()
+        ax_loss.plot(*zip(*losses), "s--", color="tab:red", label="train loss")
+        ax_loss.set_ylabel("train loss", color="tab:red")
+    ax_mr.set_title(title, fontsize=10)
+    ax_mr.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _query_section(
+    result: QueryResult, images: dict[str, dict[str, Any]], heading: str, query_thumb: str | None
+) -> str:
+    from pipelines.report.html import render_hits
+
+    esc = html.escape
+    thumb = f"<img class='query' src='{query_thumb}' alt='query image'>" if query_thumb else ""
+    return (
+        f"<section><h3>{esc(heading)}</h3>{thumb}"
+        f"<p class='meta'>{result.mode} search over model {esc(result.model_id[:12])} in {result.seconds * 1000:.1f} ms"
+        f"</p>{render_hits(result.hits, images)}</section>"
+    )
+
+
+def render_report(
+    *,
+    title: str,
+    data_label: str,
+    synthetic: bool,
+    results: dict[str, dict[str, Any]],
+    curve_png: str | None,
+    queries: list[dict[str, Any]],
+    summary: dict[str, Any],
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """The report page. `queries`: [{"heading", "result": QueryResult, "query_thumb": data URI | None}]."""
+    from pipelines.report.html import PAGE_STYLE, fetch_images
+
+    esc = html.escape
+    sources = sorted({h.source for q in queries for h in q["result"].hits})
+    images = fetch_images(sources, storage_options)
+    banner = (
+        f"<p class='synthetic'>{esc(data_label)}</p>"
+        if synthetic
+        else f"<p class='meta'>{esc(data_label)}</p>"
+    )
+    curve = f"<img class='curve' src='{esc(curve_png)}' alt='training curve'>" if curve_png else ""
+    facts = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in summary.items())
+    sections = "".join(
+        _query_section(q["result"], images, q["heading"], q.get("query_thumb")) for q in queries
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{esc(title)}</title><style>{PAGE_STYLE}"
+        ".synthetic{background:#fde68a;padding:.5em;font-weight:bold}.results td,.results th{padding:2px 8px;"
+        "text-align:right;border-bottom:1px solid #ddd}.query{width:192px;border:3px solid #2563eb}"
+        "</style></head><body>"
+        f"<h1>{esc(title)}</h1>{banner}<h2>Test-split retrieval (percent)</h2>{results_html(results)}"
+        f"<h2>Training</h2>{curve}<ul>{facts}</ul><h2>Sample queries (top 5)</h2>{sections}</body></html>"
+    )

@@ -1,0 +1,7 @@
+"""`python -m pipelines.train ...` (the entrypoint of `ray job submit` and the KubeRay RayJob)."""
+
+import sys
+
+from pipelines.train.cli import main
+
+sys.exit(main())
