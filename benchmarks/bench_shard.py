@@ -112,7 +112,7 @@ def time_shard(data: Path, scratch: Path, workers: int, validate: str) -> tuple[
         with (
             Clock() as clock
         ):  # worker processes (if any) have exited when shard_dataset returns: CPU counted
-            result = shard_dataset(data, str(dest), workers=workers, validate=validate, progress=False)
+            result = shard_dataset(data, str(dest), workers=workers, validation=validate, progress=False)
     finally:
         logger.removeHandler(starts)
         logger.setLevel(level)

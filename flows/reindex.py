@@ -1,12 +1,14 @@
 """Prefect flow `reindex-archive`: embed what is new in the archive into the embedding store (nightly).
 
-Thin on purpose: one task runs `pipelines.embed.embed_archive` (a Ray Data job; incremental, so a nightly
-run embeds only shards committed since the last one), an optional task rebuilds the ANN index, and the
-flow publishes what it did as a markdown artifact (`reindex-archive-report`).
+Thin on purpose: one task runs `pipelines.embed.job.embed_archive` (a Ray Data job; incremental, so a nightly
+run embeds only shards committed since the last one; with `build_ann` it also rebuilds the ANN index), and
+the flow publishes what it did as a markdown artifact (`reindex-archive-report`). Its parameters are
+`EmbedOptions`' fields plus the three URLs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -14,6 +16,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.retries import retry_on_storage_error
+from pipelines.embed.job import embed_archive
+from pipelines.embed.options import EmbedOptions
+from pipelines.options import REQUIRED, flat_parameters
 
 
 @task(
@@ -23,24 +28,25 @@ from flows.retries import retry_on_storage_error
     retry_delay_seconds=[30, 120],
     retry_condition_fn=retry_on_storage_error,
 )
-def embed_task(archive_url: str, store_url: str, checkpoint_url: str, **options: Any) -> dict[str, Any]:
-    from pipelines.embed.job import embed_archive
-
+def embed_task(
+    archive_url: str, store_url: str, checkpoint_url: str, options: EmbedOptions
+) -> dict[str, Any]:
     logger = get_run_logger()
-    report = embed_archive(archive_url, store_url, checkpoint_url, progress=False, **options)
+    report = embed_archive(archive_url, store_url, checkpoint_url, options)
     logger.info("%s", report.summary())
     for b in report.bad[:50]:
         logger.warning("bad sample skipped: %s: %s", b["key"], b["reason"])
     return report.to_json()
 
 
-@task(name="build-ann-index", cache_policy=NO_CACHE)
-def ann_task(store_url: str, model_id: str) -> dict[str, Any]:
-    from pipelines.search.ann import build_ann
+def ann_meta(store_url: str, model_id: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    """The ANN index the embedding run (re)built, for the report; None when there is none."""
+    from pipelines.search.ann import load_ann
     from pipelines.store.store import EmbeddingStore
 
-    store = EmbeddingStore(store_url)
-    return build_ann(store, store.manifest(model_id)).meta
+    store = EmbeddingStore(store_url, storage_options)
+    index = load_ann(store, store.manifest(model_id))
+    return index.meta if index is not None else None
 
 
 def report_markdown(report: dict[str, Any], ann: dict[str, Any] | None) -> str:
@@ -69,18 +75,13 @@ def report_markdown(report: dict[str, Any], ann: dict[str, Any] | None) -> str:
 
 
 @flow(name="reindex-archive", log_prints=True)
+@flat_parameters(
+    EmbedOptions,
+    defaults={"captions": True},
+    extra={"archive_url": (str, REQUIRED), "store_url": (str, REQUIRED), "checkpoint_url": (str, REQUIRED)},
+)
 def reindex_archive(
-    archive_url: str,
-    store_url: str,
-    checkpoint_url: str,
-    captions: bool = True,
-    batch_size: int = 64,
-    concurrency: int = 1,
-    gpu: bool = False,
-    dtype: str = "float32",
-    splits: list[str] | None = None,
-    build_ann: bool = False,
-    ray_address: str | None = None,
+    options: EmbedOptions, archive_url: str, store_url: str, checkpoint_url: str
 ) -> dict[str, Any]:
     """Embed the archive's new shards/images with the checkpoint; returns (and publishes) the counts.
 
@@ -88,19 +89,11 @@ def reindex_archive(
     next run retries only the rest.
     """
     logger = get_run_logger()
-    report = embed_task(
-        archive_url,
-        store_url,
-        checkpoint_url,
-        captions=captions,
-        batch_size=batch_size,
-        concurrency=concurrency,
-        gpu=gpu,
-        dtype=dtype,
-        splits=splits,
-        ray_address=ray_address,
-    )
-    ann = ann_task(store_url, report["model_id"]) if build_ann and report["images"] else None
+    options = dataclasses.replace(options, progress=False)  # a flow run logs; it has no terminal
+    report = embed_task(archive_url, store_url, checkpoint_url, options)
+    ann = None
+    if options.build_ann and report["images"]:
+        ann = ann_meta(store_url, report["model_id"], options.store_options or options.storage_options)
     create_markdown_artifact(
         key="reindex-archive-report",
         markdown=report_markdown(report, ann),
@@ -122,9 +115,3 @@ def reindex_archive(
             f"{len(report['failed_units'])} unit(s) could not be embedded: {report['failed_units'][:3]}"
         )
     return summary
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(reindex_archive(*sys.argv[1:4]))

@@ -1,4 +1,4 @@
-"""argparse value types shared by the subcommands."""
+"""argparse value types shared by the commands."""
 
 from __future__ import annotations
 
@@ -19,4 +19,23 @@ def positive_int(text: str) -> int:
         value = int(number)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def comma_list(text: str) -> list[str]:
+    """`train,val` -> ["train", "val"]; empty items are dropped, an empty list is an error."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected a comma-separated list such as train,val,test")
+    return parts
+
+
+def fraction(text: str) -> float:
+    """A number within [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction within [0, 1]")
     return value

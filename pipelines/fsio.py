@@ -20,6 +20,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+from fsspec.utils import get_protocol
+
+from pipelines.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -27,11 +31,11 @@ T = TypeVar("T")
 _SECRET_HINTS = ("secret", "token", "password", "passwd", "credential", "key", "session")
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(PipelineError, ValueError):
     """A relative path that would leave its root (`..`, absolute, or a URL)."""
 
 
-class StorageError(RuntimeError):
+class StorageError(PipelineError, RuntimeError):
     """A storage operation kept failing after its retries; the message says what, where and why."""
 
 
@@ -86,17 +90,13 @@ def redact(options: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def protocol_of(url: str) -> str:
-    return url.split("://", 1)[0] if "://" in url else "file"
-
-
 def _with_env_defaults(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """Make the S3 endpoint explicit so fsspec's instance cache can't hand out a client for another endpoint.
 
     botocore reads the variables itself as well; credentials are deliberately left to botocore's own chain.
     """
     opts = dict(options)
-    if protocol_of(url) in ("s3", "s3a") and "endpoint_url" not in opts:
+    if get_protocol(url) in ("s3", "s3a") and "endpoint_url" not in opts:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         client_kwargs = opts.get("client_kwargs") or {}
         if endpoint and "endpoint_url" not in client_kwargs:
@@ -129,7 +129,7 @@ def full_url(fs, path: str) -> str:
 
 def describe_endpoint(url: str, storage_options: dict[str, Any] | None = None) -> str:
     """A one-line, credential-free description of where `url` lives, for log lines."""
-    if protocol_of(url) not in ("s3", "s3a"):
+    if get_protocol(url) not in ("s3", "s3a"):
         return url
     opts = _with_env_defaults(url, storage_options or {})
     endpoint = (

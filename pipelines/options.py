@@ -8,8 +8,9 @@
     add_arguments(parser, ShardJobOptions)           # argparse, from the fields
     opts = from_args(ShardJobOptions, args)          # argparse.Namespace -> options
     opts = from_flat(ShardJobOptions, params)        # a Prefect flow's flat parameters -> options
+    argv = options_to_argv(opts)                     # options -> the command line that builds them again
 
-`flat_parameters(Options)` gives a Prefect flow function the fields as flat keyword parameters (so
+`flat_parameters(Options)` gives a Prefect flow function the fields as flat parameters (so
 `prefect deployment run ... -p maxcount=200` works) without writing the list out again.
 """
 
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 _MISSING = dataclasses.MISSING
+REQUIRED = inspect.Parameter.empty  # an `extra` flow parameter without a default
 
 
 def option(
@@ -37,6 +39,7 @@ def option(
     choices: tuple[Any, ...] | None = None,
     action: str | None = None,
     parse: Callable[[Any], Any] | None = None,
+    unparse: Callable[[Any], list[str]] | None = None,
     default_factory: Callable[[], Any] | None = None,
     cli: bool = True,
     flow: bool = True,
@@ -45,7 +48,9 @@ def option(
 
     `action="append"` collects a repeatable flag into a list; `parse` turns the command-line value (or a flow
     parameter) into the field's value (e.g. ["k=v", ...] -> dict). `cli=False` / `flow=False` keep a field
-    out of the command line / the flow's parameters (it still exists in the Python API).
+    out of the command line / the flow's parameters (it still exists in the Python API). `unparse` is the
+    inverse of `parse` for `options_to_argv`: the field's value -> its command-line values (one per repetition
+    of an `append` flag; default: `str` of each list item, or of the value).
     """
     meta = {
         "help": help,
@@ -56,6 +61,7 @@ def option(
         "choices": choices,
         "action": action,
         "parse": parse,
+        "unparse": unparse,
         "cli": cli,
         "flow": flow,
     }
@@ -122,13 +128,12 @@ def from_args(cls, args: argparse.Namespace, **extra: Any):
 
 
 def from_flat(cls, params: dict[str, Any], **extra: Any):
-    """Options from a flow's flat parameters (values already typed by Prefect; `parse` still applies)."""
+    """Options from a flow's flat parameters (values already typed by Prefect, so `parse` does not apply)."""
     values = {}
     for f in _fields(cls):
         if f.name not in params:
             continue
-        value, parse = params[f.name], f.metadata["parse"]
-        values[f.name] = parse(value) if parse and value is not None else value
+        values[f.name] = params[f.name]
     return cls(**values, **extra)
 
 
@@ -152,33 +157,74 @@ def flat_parameters(
     for f in fields:
         default = defaults.get(f.name, _default(f))
         annotation = hints[f.name]
-        if f.metadata["action"] == "append" and default == []:
+        if f.metadata["action"] == "append" and default in ([], {}):
             default, annotation = None, annotation | None
         params.append(
             inspect.Parameter(
                 f.name,
-                inspect.Parameter.KEYWORD_ONLY,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
                 annotation=annotation,
                 default=inspect.Parameter.empty if default is _MISSING else default,
             )
         )
     for name, (annotation, default) in extra.items():
         params.append(
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+            inspect.Parameter(
+                name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation, default=default
+            )
         )
-    # Required parameters first: Prefect (and humans reading the signature) expect them there.
+    # Required parameters first (in `extra`'s order), so `flow(archive, store, ...)` binds positionally.
     params.sort(key=lambda p: p.default is not inspect.Parameter.empty)
+    signature = inspect.Signature(params)
     field_names = {f.name for f in fields}
 
     def decorate(fn):
         @functools.wraps(fn)
-        def wrapper(**kwargs: Any):
-            opts = from_flat(cls, {k: v for k, v in kwargs.items() if k in field_names and v is not None})
-            return fn(opts, **{k: v for k, v in kwargs.items() if k in extra})
+        def wrapper(*args: Any, **kwargs: Any):
+            given = signature.bind(*args, **kwargs).arguments
+            opts = from_flat(cls, {k: v for k, v in given.items() if k in field_names and v is not None})
+            flat = {name: given.get(name, default) for name, (_, default) in extra.items()}
+            return fn(opts, **flat)
 
         del wrapper.__wrapped__  # inspect.signature must see the flat parameters, not fn's
-        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__signature__ = signature
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
         return wrapper
 
     return decorate
+
+
+def options_to_argv(opts) -> list[str]:
+    """The command line that `add_arguments` + `from_args` turn back into `opts` (fields at their default are left
+    out). For handing options to another process, e.g. a `ray job submit` entrypoint.
+
+    Raises ValueError for a value the command line cannot express (a field with `cli=False` or a None in a field
+    whose default is not None)."""
+    positional: list[str] = []
+    argv: list[str] = []
+    for f in _fields(type(opts)):
+        m, value, default = f.metadata, getattr(opts, f.name), _default(f)
+        if value == default and not m["positional"]:
+            continue
+        if not m["cli"]:
+            raise ValueError(f"option {f.name}={value!r} has no command-line form")
+        flag = m["flag"] or "--" + f.name.replace("_", "-")
+        if m["action"] in ("store_true", "store_false"):
+            argv.append(flag)  # not the default, so the flag's own value
+            continue
+        if value is None:
+            raise ValueError(f"option {f.name}=None has no command-line form (its default is {default!r})")
+        if m["unparse"]:
+            values = list(m["unparse"](value))
+        elif m["action"] == "append":
+            values = [str(v) for v in value]
+        else:
+            values = [str(value)]
+        if m["positional"]:
+            positional += values
+        elif m["action"] == "append":
+            argv += [part for v in values for part in (flag, v)]
+        else:
+            (one,) = values
+            argv += [flag, one]
+    return positional + argv

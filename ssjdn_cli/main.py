@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
+
+from pipelines.command import add_command, run_command, setup_logging
 
 # Order is the order shown by `ssjdn --help`. Every module must import: a broken one is an error, not skipped.
 COMMAND_MODULES = (
@@ -29,10 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        module = importlib.import_module(name)
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
-        module.configure(p)
-        p.set_defaults(_run=module.run)
+        add_command(sub, importlib.import_module(name))
     return parser
 
 
@@ -40,14 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     # Before torch loads: spinning OpenMP threads starve each other (and Ray workers) on shared CPUs.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # one line per HTTP request (Prefect API, S3) buries what the job itself says
-        for noisy in ("httpx", "httpcore", "botocore", "aiobotocore", "s3fs"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-    return int(args._run(args) or 0)
+    setup_logging(args.verbose)
+    return run_command(args)
 
 
 if __name__ == "__main__":

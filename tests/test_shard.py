@@ -16,7 +16,8 @@ import pytest
 
 from pipelines.shard.job import shard_dataset
 from pipelines.shard.layout import TAR_MTIME
-from pipelines.shard.plan import DestinationConflictError, ShardOptions, TooManyBadSamplesError, plan_shards
+from pipelines.shard.options import ShardOptions
+from pipelines.shard.plan import DestinationConflictError, TooManyBadSamplesError, plan_shards
 from pipelines.shard.read import ShardReadError, list_shards, open_shards, open_split, read_manifest
 from pipelines.shard.write import TarStream
 from ssjdn.data.readers import load_dataset

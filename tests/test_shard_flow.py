@@ -28,7 +28,7 @@ def test_shard_dataset_flow_writes_shards_and_records_the_run(prefect_server, s3
     data = generate_synthetic(tmp_path / "syn", n_per_class=3, size=32, seed=5)
     dest = f"s3://{s3_bucket}/flow"
     state = shard_dataset_flow(
-        dataset=str(data), dest=dest, maxcount=4, group_size=2, validation="full", return_state=True
+        dataset=str(data), dest=dest, maxcount=4, validation="full", return_state=True
     )
     assert state.is_completed(), state
     summary = state.result()
@@ -46,17 +46,14 @@ def test_shard_dataset_flow_writes_shards_and_records_the_run(prefect_server, s3
         assert run.state.is_completed()
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
         names = sorted(t.name.rsplit("-", 1)[0] for t in tasks)
-        # 21 + 5 + 4 samples (or so) in shards of 4 -> groups of 2 shards
-        n_groups = -(-summary["shards"] // 2)
-        assert names.count("write-shard-group") == n_groups
-        assert {"plan-shards", "commit-manifest"} <= set(names)
+        assert names == ["shard"]  # the flow is thin: one task calls the pipeline
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
         messages = "\n".join(log.message for log in logs)
-    assert f"group 1/{n_groups}" in messages and "written" in messages
     assert f"committed {dest}/_manifest.json" in messages
+    assert f"{summary['shards']} shard(s) ({summary['shards']} written, 0 already committed)" in messages
 
 
-def test_group_tasks_retry_storage_errors_only(prefect_server):
+def test_flow_tasks_retry_storage_errors_only(prefect_server):
     from prefect import flow, task
 
     from flows.retries import retry_on_storage_error
@@ -106,5 +103,6 @@ def test_prefect_yaml_deploys(prefect_server):
     assert dep.work_pool_name == "ssjdn-process"
     assert dep.entrypoint == "flows/shard.py:shard_dataset_flow"
     assert dep.job_variables["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "pipelines"
-    assert {"dataset", "dest", "maxcount", "group_size"} <= set(dep.parameter_openapi_schema["properties"])
+    assert {"dataset", "dest", "maxcount", "validation"} <= set(dep.parameter_openapi_schema["properties"])
+    assert set(dep.parameter_openapi_schema["required"]) == {"dataset", "dest"}
     assert dep.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)

@@ -18,7 +18,8 @@ from PIL import Image
 
 from pipelines.shard import job as shard_job
 from pipelines.shard.job import finalize, prepare_destination, shard_dataset, write_shards
-from pipelines.shard.plan import DestinationConflictError, ShardOptions, plan_shards
+from pipelines.shard.options import ShardOptions
+from pipelines.shard.plan import DestinationConflictError, plan_shards
 from pipelines.shard.write import TarStream, write_shard
 from ssjdn.data.readers import load_dataset
 from ssjdn.data.synthetic import generate_synthetic
@@ -172,9 +173,9 @@ def test_full_validation_catches_corrupt_scan_data_that_structure_lets_through(s
 
     # the level decides what the shards hold, so a destination written at one level refuses the other
     with pytest.raises(DestinationConflictError, match=r"validate='structure' \(this run: 'full'\)"):
-        shard_dataset(synthetic, str(structure_dest), maxcount=8, validate="full", progress=False)
+        shard_dataset(synthetic, str(structure_dest), maxcount=8, validation="full", progress=False)
     with pytest.raises(ValueError, match="--validate 'pixels': expected one of structure, full"):
-        ShardOptions(validate="pixels")
+        ShardOptions(validation="pixels")
 
 
 def test_worker_processes_and_this_process_write_identical_bytes(synthetic, tmp_path, monkeypatch):

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.errors import PipelineError
 from pipelines.fsio import full_url, get_fs, with_retries
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PipelineError, ValueError):
     """The checkpoint cannot be used: unreadable, not an SSJDN checkpoint, or its config does not fit its weights."""
 
 

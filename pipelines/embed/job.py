@@ -11,6 +11,7 @@ seconds and at the end): a killed run loses at most the uncommitted ones, and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from pipelines.embed.encoders import CheckpointBlob, read_checkpoint, restore_encoders
-from pipelines.embed.sources import DEFAULT_CHUNK, discover, plan_units, read_unit
-from pipelines.store.store import DTYPES, EmbeddingStore, VersionWriter, build_table
+from pipelines.embed.options import EmbedOptions
+from pipelines.embed.sources import discover, plan_units, read_unit
+from pipelines.store.store import EmbeddingStore, VersionWriter, build_table
 
 log = logging.getLogger(__name__)
 
@@ -290,34 +292,27 @@ def embed_archive(
     archive_url: str,
     store_url: str,
     checkpoint_url: str,
-    *,
-    captions: bool = False,
-    batch_size: int = 64,
-    concurrency: int = 1,
-    gpu: bool = False,
-    dtype: str = "float32",
-    splits: list[str] | None = None,
-    storage_options: dict[str, Any] | None = None,
-    store_options: dict[str, Any] | None = None,
-    max_rows_per_file: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-    commit_every_s: float = 30.0,
-    threads_per_actor: int | None = None,
-    ray_address: str | None = None,
-    progress: bool = True,
+    options: EmbedOptions | None = None,
+    **overrides: Any,
 ) -> EmbedReport:
-    """Embed what `archive_url` holds that the store's version for this checkpoint does not have yet."""
+    """Embed what `archive_url` holds that the store's version for this checkpoint does not have yet.
+
+    `options` (default `EmbedOptions()`), with any of its fields overridden by keyword
+    (`embed_archive(archive, store, ckpt, captions=True)`).
+    """
     t0 = time.monotonic()
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} must be one of {sorted(DTYPES)}")
+    options = dataclasses.replace(options or EmbedOptions(), **overrides)
+    storage_options = options.storage_options
     blob = read_checkpoint(checkpoint_url, storage_options)
     enc = restore_encoders(blob)  # fail fast, before any Ray work, when the checkpoint does not load
-    store = EmbeddingStore(store_url, store_options if store_options is not None else storage_options)
-    writer_kwargs = {"max_rows_per_file": max_rows_per_file} if max_rows_per_file else {}
-    writer = VersionWriter(store, blob.model_id, enc.model_info(blob, dtype), **writer_kwargs)
-    tables = ("images", "captions") if captions else ("images",)
+    store_options = options.store_options if options.store_options is not None else storage_options
+    store = EmbeddingStore(store_url, store_options)
+    writer_kwargs = {"max_rows_per_file": options.max_rows_per_file} if options.max_rows_per_file else {}
+    writer = VersionWriter(store, blob.model_id, enc.model_info(blob, options.dtype), **writer_kwargs)
+    tables = ("images", "captions") if options.captions else ("images",)
+    splits = list(options.splits) if options.splits else None
     kind, shard_units, samples = discover(archive_url, storage_options, splits=splits)
-    todo, complete, changed = plan_units(shard_units, samples, writer.done(), tables, chunk_size)
+    todo, complete, changed = plan_units(shard_units, samples, writer.done(), tables, options.chunk_size)
     report = EmbedReport(
         model_id=blob.model_id,
         store_url=store.url,
@@ -345,7 +340,7 @@ def embed_archive(
         report.version_url,
     )
     writer.remove_stale_staging()
-    started = _ensure_ray(ray_address, None)
+    started = _ensure_ray(options.ray_address, None)
     try:
         _run(
             todo,
@@ -354,14 +349,14 @@ def embed_archive(
             writer,
             report,
             tables,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            gpu=gpu,
-            dtype=dtype,
+            batch_size=options.batch_size,
+            concurrency=options.concurrency,
+            gpu=options.gpu,
+            dtype=options.dtype,
             storage_options=storage_options,
-            commit_every_s=commit_every_s,
-            threads=threads_per_actor,
-            progress=progress,
+            commit_every_s=options.commit_every_s,
+            threads=options.threads_per_actor,
+            progress=options.progress,
             started_here=started,
         )
     finally:
@@ -375,6 +370,10 @@ def embed_archive(
         log.warning("bad sample skipped: %s: %s", b["key"], b["reason"])
     for f in report.failed_units:
         log.error("unit not embedded (re-run to retry): %s: %s", f["unit"], f["reason"])
+    if options.build_ann and report.images:
+        from pipelines.search.ann import build_ann
+
+        build_ann(store, store.manifest(blob.model_id))
     log.info("%s", report.summary())
     return report
 

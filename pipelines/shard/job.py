@@ -16,6 +16,7 @@ hash to the recorded sha256, and redoes the rest; the manifest is only written o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -53,11 +54,11 @@ from pipelines.shard.layout import (
     TAR_OWNER,
     TMP,
 )
+from pipelines.shard.options import ShardOptions
 from pipelines.shard.plan import (
     DestinationConflictError,
     ShardError,
     ShardJob,
-    ShardOptions,
     ShardPlan,
     ShardResult,
     TooManyBadSamplesError,
@@ -373,7 +374,7 @@ def _quarantine_url(plan: ShardPlan) -> str:
 def write_quarantine_report(plan: ShardPlan, results: Iterable[ShardResult]) -> list[dict[str, Any]]:
     """Write `_quarantine/report.jsonl` (one JSON object per bad sample, plan order) atomically; return it."""
     fs, root = get_fs(plan.dest_url, plan.ctx.storage_options)
-    results = sorted(results, key=lambda r: (SPLIT_ORDER.index(r.split), r.index))
+    results = sorted(results, key=lambda r: (_split_rank(r.split), r.index))
     bad = list(plan.bad) + [b for r in results for b in r.bad]
     report = b"".join(json.dumps(b, sort_keys=True, ensure_ascii=False).encode() + b"\n" for b in bad)
     with_retries(
@@ -397,12 +398,15 @@ def _too_many_bad(
     )
 
 
-def finalize(plan: ShardPlan, results: Iterable[ShardResult]) -> dict[str, Any]:
-    """Write the quarantine report, check the bad fraction, drop stale shards, and commit the manifest."""
+def finalize(
+    plan: ShardPlan, results: Iterable[ShardResult], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write the quarantine report, check the bad fraction, drop stale shards, and commit the manifest (with
+    `extra` top-level sections, e.g. a tile run's "tile")."""
     fs, root = get_fs(plan.dest_url, plan.ctx.storage_options)
     url = full_url(fs, root)
     tmp_dir = safe_join(root, TMP)
-    results = sorted(results, key=lambda r: (SPLIT_ORDER.index(r.split), r.index))
+    results = sorted(results, key=lambda r: (_split_rank(r.split), r.index))
     planned = {(j.split, j.index) for j in plan.jobs}
     missing = sorted(planned - {(r.split, r.index) for r in results})
     if missing:
@@ -420,13 +424,18 @@ def finalize(plan: ShardPlan, results: Iterable[ShardResult]) -> dict[str, Any]:
             log.info("removing stale shard %s/%s", url, rel)
             with_retries(lambda r=rel: fs.rm(safe_join(root, r)), what=f"remove {rel}")
 
-    manifest = build_manifest(plan, results, bad)
+    manifest = {**build_manifest(plan, results, bad), **(extra or {})}
     with_retries(
         lambda: atomic_write_json(fs, safe_join(root, MANIFEST), manifest, tmp_dir),
         what=f"write {url}/{MANIFEST}",
     )
     remove_quietly(fs, tmp_dir, recursive=True)  # leftovers of killed attempts; nothing reads them
     return manifest
+
+
+def _split_rank(split: str) -> tuple[int, str]:
+    """Plan order of splits: train, val, test, then any other by name (a tile run's "chips")."""
+    return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
 
 
 def _reason_kind(reason: str) -> str:
@@ -459,7 +468,7 @@ def build_manifest(plan: ShardPlan, results: list[ShardResult], bad: list[dict[s
         "options": plan.ctx.options.output_options(),
         "max_bad_fraction": plan.ctx.options.max_bad_fraction,
         "classes": [{"index": i, "name": c, "samples": class_counts[c]} for i, c in enumerate(plan.classes)],
-        "splits": {k: splits[k] for k in SPLIT_ORDER if k in splits},
+        "splits": {k: splits[k] for k in sorted(splits, key=_split_rank)},
         "totals": {
             "shards": len(results),
             "samples": sum(r.samples for r in results),
@@ -483,56 +492,21 @@ def build_manifest(plan: ShardPlan, results: list[ShardResult], bad: list[dict[s
 
 
 def shard_dataset(
-    dataset: str | os.PathLike,
-    dest_url: str,
-    *,
-    format: str | None = None,
-    images: str | os.PathLike | None = None,
-    name: str | None = None,
-    splits: Sequence[str] | None = None,
-    maxcount: int = 1000,
-    maxsize: int = 1_000_000_000,
-    shuffle_seed: int | None = None,
-    resize: int | None = None,
-    reencode: str | None = None,
-    validate: str = "structure",
-    max_bad_fraction: float = 0.01,
-    workers: int = 1,
-    overwrite: bool = False,
-    storage_options: dict[str, Any] | None = None,
-    retries: int = 3,
-    retry_backoff: float = 1.0,
-    progress: bool = True,
+    dataset: str | os.PathLike, dest_url: str, options: ShardOptions | None = None, **overrides: Any
 ) -> ShardRunResult:
     """Shard `dataset` (a folder or description file that `ssjdn.data.readers.load_dataset` reads) into
     WebDataset tars under `dest_url`; returns the committed manifest and run statistics.
 
-    Raises `DestinationConflictError` (destination holds another dataset/options), `TooManyBadSamplesError`,
-    `StorageError` (storage kept failing after `retries`), `ShardError` (anything else, named).
-    Re-running after any failure resumes: committed shards are verified and skipped.
+    `options` (default `ShardOptions()`), with any of its fields overridden by keyword
+    (`shard_dataset(data, dest, maxcount=200)`). Raises `DestinationConflictError` (destination holds another
+    dataset/options), `TooManyBadSamplesError`, `StorageError` (storage kept failing after `retries`),
+    `ShardError` (anything else, named). Re-running after any failure resumes: committed shards are verified
+    and skipped.
     """
     t0 = time.monotonic()
-    options = ShardOptions(
-        maxcount=maxcount,
-        maxsize=maxsize,
-        shuffle_seed=shuffle_seed,
-        splits=tuple(splits) if splits else None,
-        resize=resize,
-        reencode=reencode,
-        validate=validate,
-        max_bad_fraction=max_bad_fraction,
-    )
-    plan = plan_shards(
-        dataset,
-        dest_url,
-        format=format,
-        images=images,
-        name=name,
-        options=options,
-        storage_options=storage_options,
-        retries=retries,
-        retry_backoff=retry_backoff,
-    )
+    options = dataclasses.replace(options or ShardOptions(), **overrides)
+    storage_options = options.storage_options
+    plan = plan_shards(dataset, dest_url, options)
     try:
         where = describe_endpoint(dest_url, storage_options)
         log.info(
@@ -544,8 +518,8 @@ def shard_dataset(
             len(plan.jobs),
             where,
         )
-        prepare_destination(plan, overwrite=overwrite)
-        results = write_shards(plan, workers=workers, progress=progress)
+        prepare_destination(plan, overwrite=options.overwrite)
+        results = write_shards(plan, workers=options.workers, progress=options.progress)
         manifest = finalize(plan, results)
     finally:
         plan.close()

@@ -19,12 +19,16 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.fsio import get_fs, protocol_of, with_retries
-from pipelines.shard.layout import FORMAT, REENCODE, SHARD_NAME, SPLIT_ORDER, STATS, TAR_BLOCK, TAR_RECORD
+from fsspec.utils import get_protocol
+
+from pipelines.errors import PipelineError
+from pipelines.fsio import get_fs, with_retries
+from pipelines.shard.layout import FORMAT, SHARD_NAME, SPLIT_ORDER, STATS, TAR_BLOCK, TAR_RECORD
+from pipelines.shard.options import ShardOptions
 from ssjdn.data.record import Sample
 
 
-class ShardError(RuntimeError):
+class ShardError(PipelineError, RuntimeError):
     """Base class for sharding failures that the CLI reports as a one-line error."""
 
 
@@ -37,47 +41,6 @@ class TooManyBadSamplesError(ShardError):
 
 
 # ---------------------------------------------------------------------------------------------- options & plan
-
-
-@dataclass(frozen=True)
-class ShardOptions:
-    """Options of a sharding run. All but `max_bad_fraction` change the output bytes."""
-
-    maxcount: int = 1000
-    maxsize: int = 1_000_000_000
-    shuffle_seed: int | None = None
-    splits: tuple[str, ...] | None = None  # None: every split the dataset has
-    resize: int | None = None  # longer side, pixels; only ever shrinks
-    reencode: str | None = None  # one of REENCODE
-    validate: str = (
-        "structure"  # "structure" (header + completeness) or "full" (decode): decides what gets in
-    )
-    max_bad_fraction: float = 0.01
-
-    def __post_init__(self) -> None:
-        if self.maxcount < 1 or self.maxsize < 1:
-            raise ValueError(f"maxcount and maxsize must be >= 1 (got {self.maxcount}, {self.maxsize})")
-        if self.splits is not None:
-            unknown = sorted(set(self.splits) - set(SPLIT_ORDER))
-            if unknown:
-                raise ValueError(f"unknown split(s) {unknown}; expected some of {', '.join(SPLIT_ORDER)}")
-        if self.reencode is not None and self.reencode not in REENCODE:
-            raise ValueError(f"--reencode {self.reencode!r}: expected one of {', '.join(REENCODE)}")
-        from ssjdn.data.images import VALIDATION_LEVELS
-
-        if self.validate not in VALIDATION_LEVELS:
-            raise ValueError(f"--validate {self.validate!r}: expected one of {', '.join(VALIDATION_LEVELS)}")
-        if self.resize is not None and self.resize < 1:
-            raise ValueError(f"--resize must be a positive number of pixels (got {self.resize})")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be within [0, 1] (got {self.max_bad_fraction})")
-
-    def output_options(self) -> dict[str, Any]:
-        """The options that decide the shards' content (what a destination is checked against)."""
-        d = dataclasses.asdict(self)
-        d.pop("max_bad_fraction")
-        d["splits"] = list(self.splits) if self.splits is not None else None
-        return d
 
 
 class PlanFile:
@@ -284,7 +247,7 @@ class SourceStat:
         self._listings: dict[str, tuple[Any, dict[str, Any]]] = {}
 
     def __call__(self, source: str) -> tuple[int, float | str | None] | None:
-        if protocol_of(source) == "file":
+        if get_protocol(source) == "file":
             try:
                 st = os.stat(source.removeprefix("file://"))
             except OSError:
@@ -405,18 +368,7 @@ def _remove_stale_plans() -> None:
             pass  # alive, owned by another user
 
 
-def plan_shards(
-    dataset: str | os.PathLike,
-    dest_url: str,
-    *,
-    format: str | None = None,
-    images: str | os.PathLike | None = None,
-    name: str | None = None,
-    options: ShardOptions | None = None,
-    storage_options: dict[str, Any] | None = None,
-    retries: int = 3,
-    retry_backoff: float = 1.0,
-) -> ShardPlan:
+def plan_shards(dataset: str | os.PathLike, dest_url: str, options: ShardOptions | None = None) -> ShardPlan:
     """Read the dataset's metadata and decide which sample goes to which shard. Writes nothing at `dest_url`.
 
     Memory stays bounded at any dataset size: records are checked into an SQLite file and come back sorted
@@ -426,7 +378,7 @@ def plan_shards(
     from ssjdn.data.readers import SampleIndex, open_dataset
 
     options = options or ShardOptions()
-    source = open_dataset(dataset, format=format, images=images, name=name)
+    source = open_dataset(dataset, format=options.format, images=options.images, name=options.name)
     _remove_stale_plans()
     plan_file = PlanFile(
         os.path.join(tempfile.mkdtemp(prefix=f"{PLAN_DIR_PREFIX}{os.getpid()}-"), "plan.jsonl")
@@ -436,7 +388,14 @@ def plan_shards(
         index = SampleIndex(source, path=records)
         try:
             return _plan(
-                index, dataset, dest_url, options, storage_options or {}, retries, retry_backoff, plan_file
+                index,
+                dataset,
+                dest_url,
+                options,
+                options.storage_options,
+                options.retries,
+                options.retry_backoff,
+                plan_file,
             )
         finally:
             index.close()

@@ -19,7 +19,10 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pipelines.fsio import full_url, get_fs, protocol_of, read_json, safe_join, with_retries
+from fsspec.utils import get_protocol
+
+from pipelines.errors import PipelineError
+from pipelines.fsio import full_url, get_fs, read_json, safe_join, with_retries
 from pipelines.shard.layout import EXPECTED_MEMBERS, IMAGE_EXTS, MANIFEST
 
 # Storage options per URL prefix for the fsspec opener below (webdataset's openers take only a URL).
@@ -28,7 +31,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {}
 _OPTIONS_LOCK = threading.Lock()
 
 
-class ShardReadError(ValueError):
+class ShardReadError(PipelineError, ValueError):
     """A shard sample is missing a member or holds one that does not parse; names the shard and key."""
 
 
@@ -144,7 +147,7 @@ def open_shards(
 
     urls = list(urls)
     for u in urls:
-        proto = protocol_of(u)
+        proto = get_protocol(u)
         if proto != "file":
             prefix = u.rsplit("/", 1)[0] + "/"
             register_fsspec_opener(proto, prefix, storage_options)

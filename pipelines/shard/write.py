@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from fsspec.utils import get_protocol
+
 from pipelines.fsio import (
     HashingWriter,
     atomic_write_bytes,
@@ -28,7 +30,6 @@ from pipelines.fsio import (
     get_fs,
     is_local,
     json_bytes,
-    protocol_of,
     read_json,
     remove_quietly,
     safe_join,
@@ -46,7 +47,8 @@ from pipelines.shard.layout import (
     TAR_RECORD,
     TMP,
 )
-from pipelines.shard.plan import ShardJob, ShardOptions, ShardResult, WriteContext, bad_entry
+from pipelines.shard.options import ShardOptions
+from pipelines.shard.plan import ShardJob, ShardResult, WriteContext, bad_entry
 
 log = logging.getLogger("pipelines.shard")
 
@@ -114,7 +116,7 @@ def _sample_members(
     data = read_image_bytes(meta["source"])
     name = meta.get("filename") or meta["source"]
     # One open of the file: format, size, mode, plus the structural check or the full decode; or ImageDecodeError.
-    info = check_image(data, name, level=options.validate)
+    info = check_image(data, name, level=options.validation)
     image, ext, image_fields = _encode_image(data, info, name, options)
     doc = {**meta, **image_fields, "dataset": dataset}
     members = {
@@ -163,9 +165,9 @@ def _hint_reads(planned: list) -> None:
 def _pool_threads(planned: list, options: ShardOptions) -> int:
     """Threads that prepare samples ahead of the writer: 0 (this thread does it), one per core where Pillow
     decodes (without the GIL), NETWORK_THREADS for remote sources (reads wait on the network)."""
-    if any(protocol_of(meta["source"]) != "file" for meta, _, _ in planned):
+    if any(get_protocol(meta["source"]) != "file" for meta, _, _ in planned):
         return NETWORK_THREADS
-    if options.validate == "full" or options.resize or options.reencode:
+    if options.validation == "full" or options.resize or options.reencode:
         return min(NETWORK_THREADS, os.cpu_count() or 1)
     return 0
 
@@ -321,19 +323,24 @@ def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -
         # Hashing and writing happen in HashingWriter's threads while this one reads and checks the next sample.
         with open(tmp, "wb") if is_local(fs) else fs.open(tmp, "wb") as raw, HashingWriter(raw) as out:
             tar = TarStream(out)
-            for meta, prepared in _prepared(job.planned(), ctx.options, dataset):
+            # A job may bring its own producer of (metadata, members or bad-sample error) pairs (pipelines.tile).
+            produce = getattr(job, "produce", None)
+            planned = job.planned()
+            samples = produce(planned, ctx, dataset) if produce else _prepared(planned, ctx.options, dataset)
+            for meta, prepared in samples:
                 if isinstance(prepared, BaseException):
                     if not _is_bad_sample_error(prepared):
                         raise prepared
                     reason = f"{type(prepared).__name__}: {prepared}"
-                    bad.append(bad_entry(meta, reason, "image", job.name))
+                    details = getattr(prepared, "details", {})  # e.g. a chip's scene and window
+                    bad.append({**bad_entry(meta, reason, "image", job.name), **details})
                     report(1, 0)
                     continue
                 members, n_in = prepared
                 tar.write_sample(members)
                 keys.append(meta["key"])
-                captions += len(meta["captions"])
-                if meta["class_name"]:
+                captions += len(meta.get("captions") or ())
+                if meta.get("class_name"):
                     classes[meta["class_name"]] = classes.get(meta["class_name"], 0) + 1
                 input_bytes += n_in
                 report(1, n_in)

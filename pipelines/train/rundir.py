@@ -23,12 +23,13 @@ import re
 from typing import Any
 from urllib.parse import urlparse
 
+from fsspec.utils import get_protocol
+
 from pipelines.fsio import (
     atomic_write_bytes,
     atomic_write_json,
     full_url,
     get_fs,
-    protocol_of,
     read_json,
     safe_join,
     with_retries,
@@ -73,7 +74,7 @@ def ray_storage(storage_url: str, storage_options: dict[str, Any] | None = None)
     import pyarrow.fs as pafs
 
     opts = dict(storage_options or {})
-    proto = protocol_of(storage_url)
+    proto = get_protocol(storage_url)
     if proto == "file":
         return os.path.abspath(storage_url.removeprefix("file://")), None
     if proto in ("s3", "s3a"):
