@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from types import ModuleType
 
 from pipelines.errors import USER_ERRORS
 
-log = logging.getLogger("ssjdn")
 NOISY_LOGGERS = ("httpx", "httpcore", "botocore", "aiobotocore", "s3fs")
 
 
@@ -31,10 +31,11 @@ def run_command(args: argparse.Namespace) -> int:
     except USER_ERRORS as exc:
         if os.environ.get("SSJDN_DEBUG"):
             raise
-        log.error("%s: %s", args._name, _one_line(exc))
+        # Printed, not logged: the one line must reach the user whatever the logging setup.
+        print(f"{args._name}: error: {_one_line(exc)}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        log.error("%s: interrupted", args._name)
+        print(f"{args._name}: interrupted", file=sys.stderr, flush=True)
         return 130
 
 

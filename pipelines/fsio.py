@@ -35,6 +35,10 @@ class UnsafePathError(PipelineError, ValueError):
     """A relative path that would leave its root (`..`, absolute, or a URL)."""
 
 
+class StorageOptionError(PipelineError, ValueError):
+    """A `--storage-option` that is not `key=value` (or clashes with another)."""
+
+
 class StorageError(PipelineError, RuntimeError):
     """A storage operation kept failing after its retries; the message says what, where and why."""
 
@@ -66,13 +70,13 @@ def parse_storage_options(items: Iterable[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"storage option {item.split('=')[0]!r} is not of the form key=value")
+            raise StorageOptionError(f"storage option {item.split('=')[0]!r} is not of the form key=value")
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"storage option {key!r} conflicts with an earlier non-nested option")
+                raise StorageOptionError(f"storage option {key!r} conflicts with an earlier non-nested option")
         node[leaf] = _coerce(value)
     return out
 

@@ -59,7 +59,7 @@ def list_shards(
     urls = [full_url(fs, safe_join(root, s["path"])) for s in manifest["shards"] if s["split"] == split]
     if not urls:
         have = ", ".join(manifest.get("splits", {})) or "none"
-        raise ValueError(f"{url}: no shards for split {split!r} (splits present: {have})")
+        raise ShardReadError(f"{url}: no shards for split {split!r} (splits present: {have})")
     return urls
 
 
