@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,9 +250,105 @@ def test_decompression_bomb_refused_before_decoding():
 def test_unsupported_tiff_compression_is_named():
     data = bytearray(write_tiff(np.zeros((4, 4, 6), np.uint8)))
     entry = data.find(struct.pack("<HHI", 259, 3, 1))
-    data[entry + 8 : entry + 10] = struct.pack("<H", 34712)  # JPEG 2000
-    with pytest.raises(ImageDecodeError, match=r"six\.tif: TIFF unsupported compression 34712"):
+    data[entry + 8 : entry + 10] = struct.pack("<H", 12345)  # no such compression
+    with pytest.raises(ImageDecodeError, match=r"six\.tif: TIFF unsupported compression 12345 \(unknown: no decoder"):
         decode_image(bytes(data), "six.tif")
+    data[entry + 8 : entry + 10] = struct.pack("<H", 34712)  # JPEG 2000: decodable, but these bytes are not J2K
+    with pytest.raises(ImageDecodeError, match=r"^six\.tif: TIFF corrupt or undecodable JPEG2000 data: [^\n]+$"):
+        decode_image(bytes(data), "six.tif")
+
+
+def test_corrupt_compressed_tiff_data_is_named():
+    data = bytearray(write_tiff(np.random.default_rng(0).integers(0, 255, (40, 40, 6), dtype=np.uint8), compress=True))
+    data[20:40] = b"\xff" * 20  # inside the Deflate stream
+    with pytest.raises(ImageDecodeError, match=r"^six\.tif: TIFF corrupt or undecodable ADOBE_DEFLATE data: [^\n]+$"):
+        decode_image(bytes(data), "six.tif")
+    with pytest.raises(ImageDecodeError, match=r"^cut\.tif: TIFF truncated: header is cut off \(6 bytes\)$"):
+        decode_image(b"II*\0\x08\0", "cut.tif")
+
+
+def test_deflate_bomb_in_a_tiff_is_refused_without_inflating_it(monkeypatch):
+    """A strip that inflates past its declared size is refused; it is inflated into a buffer of the declared size
+    only (imagecodecs with tifffile's output size), so memory stays small."""
+    import tracemalloc
+
+    arr = np.arange(16 * 16 * 6, dtype=np.uint16).reshape(16, 16, 6)
+    compress = zlib.compress
+    monkeypatch.setattr(zlib, "compress", lambda raw: compress(raw + b"\0" * 40_000_000, 9))  # ~40 kB -> 40 MB
+    bomb = write_tiff(arr, compress=True)
+    monkeypatch.undo()
+    assert len(bomb) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageDecodeError, match=r"^bomb\.tif: TIFF corrupt or undecodable ADOBE_DEFLATE data: "):
+            decode_image(bomb, "bomb.tif")
+        assert tracemalloc.get_traced_memory()[1] < 4_000_000
+    finally:
+        tracemalloc.stop()
+
+
+TIFFFILE_CASES = {
+    "u16 x4 planar lzw": (np.uint16, 4, {"planarconfig": "separate", "compression": "lzw"}),
+    "u16 x4 chunky deflate predictor tiled": (np.uint16, 4, {"compression": "zlib", "predictor": True,
+                                                             "tile": (32, 32)}),
+    "u8 x6 planar packbits": (np.uint8, 6, {"planarconfig": "separate", "compression": "packbits"}),
+    "u8 x2 zstd": (np.uint8, 2, {"compression": "zstd"}),
+    "i16 x3 lzma": (np.int16, 3, {"compression": "lzma"}),
+    "u16 x3 big-endian lzw strips": (np.uint16, 3, {"byteorder": ">", "compression": "lzw", "rowsperstrip": 7}),
+    "f32 x5 planar deflate float-predictor": (np.float32, 5, {"planarconfig": "separate", "compression": "zlib",
+                                                             "predictor": 3}),
+    "f64 x1 lzw": (np.float64, 1, {"compression": "lzw"}),
+    "f16 x3": (np.float16, 3, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(TIFFFILE_CASES))
+def test_band_reader_decodes_what_tifffile_writes(case):
+    """Multi-band, planar, 8/16-bit, signed, float and compressed files (written by tifffile) decode exactly."""
+    import tifffile
+
+    dtype, bands, kw = TIFFFILE_CASES[case]
+    rng = np.random.default_rng(len(case))
+    shape = (45, 70, bands)
+    if np.dtype(dtype).kind == "f":
+        arr = rng.normal(0.2, 0.1, shape).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        arr = rng.integers(max(info.min, -3000), min(info.max, 60000), shape, dtype=dtype, endpoint=True)
+    buf = io.BytesIO()
+    if bands == 1:
+        source = arr[:, :, 0]
+    elif kw.get("planarconfig") == "separate":
+        source = np.moveaxis(arr, -1, 0)  # tifffile takes planar data samples-first
+    else:
+        source, kw = arr, {"planarconfig": "contig", **kw}
+    tifffile.imwrite(buf, source, photometric="minisblack", **kw)
+    data = buf.getvalue()
+    out = tiff_bands.decode_bands(data)
+    assert out.shape == shape and out.dtype == dtype
+    np.testing.assert_array_equal(out, arr)
+    np.testing.assert_array_equal(np.asarray(decode_image(data, "scene.tif")), expected_rgb(arr))
+    kind = {"u": "uint", "i": "int", "f": "float"}[arr.dtype.kind]
+    assert probe_image(data, "scene.tif").mode == f"{bands}x{kind}{arr.dtype.itemsize * 8}"
+
+
+GEOTIFF = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geotiff"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["RGBA.uint16.tif", "RGBA.byte.tif", "rgb_lzw.tif", "RGB.byte.tif"])
+def test_shared_geotiffs_decode_like_rasterio(name):
+    """The band reader and decode_image agree pixel for pixel with rasterio (GDAL/libtiff) on the shared files."""
+    rasterio = pytest.importorskip("rasterio")
+    if not (GEOTIFF / name).is_file():
+        pytest.skip(f"shared data not present at {GEOTIFF}")
+    data = (GEOTIFF / name).read_bytes()
+    with rasterio.open(GEOTIFF / name) as src:
+        reference = np.moveaxis(src.read(), 0, -1)  # (bands, H, W) -> (H, W, bands)
+    bands = tiff_bands.decode_bands(data)
+    assert bands.dtype == reference.dtype and bands.shape == reference.shape
+    np.testing.assert_array_equal(bands, reference)
+    np.testing.assert_array_equal(np.asarray(decode_image(data, name)), expected_rgb(reference))
 
 
 def test_read_image_bytes_local_and_url(tmp_path, rgb):

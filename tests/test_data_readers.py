@@ -211,8 +211,10 @@ def test_detection_and_ambiguity(tmp_path):
 
 
 def test_malformed_json_names_line_and_column(tmp_path):
+    # The parser (ijson's yajl) stops at the "a" of `train`, where the text can no longer be the literal `true`.
     (tmp_path / "dataset.json").write_text('{"images": [\n  {"filename": "1.jpg",\n   "split": train}\n]}')
-    with pytest.raises(DatasetFormatError, match=r"dataset\.json: malformed JSON at line 3, column 13"):
+    with pytest.raises(DatasetFormatError, match=r"dataset\.json: malformed JSON at line 3, column 15 \(byte offset 51\): "
+                                                 r"lexical error: invalid string in json text$"):
         load_dataset(tmp_path)
 
 
@@ -374,42 +376,150 @@ def test_parquet_rows_of_one_image_merge_across_insert_batches(tmp_path, monkeyp
     assert [(s.filename, s.captions) for s in ds.samples] == [("a.jpg", ["one", "three"]), ("b.jpg", ["two"])]
 
 
-@pytest.mark.parametrize("chunk", [16, 1000])
-def test_karpathy_file_is_parsed_in_bounded_pieces(tmp_path, chunk, monkeypatch):
-    """The caption file is decoded one image object at a time from a buffer that stays near the chunk size, with
-    exactly json.loads's result, and its errors name json.loads's line and column."""
+def _stream(path, monkeypatch=None, chunk=None):
     from ssjdn.data.readers import jsonstream
 
-    images = [img(f"c{i % 3}_{i}.jpg", captions=[f"caption {i} é \"q\"", "  "]) for i in range(400)]
+    if chunk is not None:
+        monkeypatch.setattr(jsonstream, "CHUNK_BYTES", chunk)
+        monkeypatch.setattr(jsonstream, "HEAD_CHUNK_BYTES", chunk)
+    fields: dict = {}
+    return list(jsonstream.stream_object_array(path, "images", fields)), fields
+
+
+@pytest.mark.parametrize("chunk", [64, 4096, None])
+def test_karpathy_file_is_parsed_in_bounded_pieces(tmp_path, chunk, monkeypatch):
+    """The caption file is read in pieces of at most `chunk` bytes and decoded one image object at a time, with
+    exactly json.loads's result; what is held at once is a read's worth of items plus ~70 KB (tracemalloc), not the
+    file."""
+    import tracemalloc
+
+    from ssjdn.data.readers import jsonstream
+
+    images = [img(f"c{i % 3}_{i}.jpg", captions=[f"caption {i} é \"q\" \\ \u2603", "  "], lat=0.25 * i, n=10**15 + i)
+              for i in range(3000)]
     doc = {"images": images, "dataset": "late_name"}  # the name comes after the images
     text = json.dumps(doc, indent=1, ensure_ascii=False)
     (tmp_path / "dataset.json").write_text(text, encoding="utf-8")
-    largest = max(len(json.dumps(i, indent=1, ensure_ascii=False)) for i in images)
-    peak = [0]
-    fill = jsonstream.JsonStream._fill
+    assert _stream(tmp_path / "dataset.json", monkeypatch, chunk) == (images, {"dataset": "late_name"})
 
-    def watched_fill(self, chars=None):
-        more = fill(self, chars)
-        peak[0] = max(peak[0], len(self.buf))
-        return more
+    biggest = [0]
+    read = jsonstream._Reader.read
 
-    monkeypatch.setattr(jsonstream, "CHUNK_CHARS", chunk)
-    monkeypatch.setattr(jsonstream.JsonStream.__init__, "__defaults__", (chunk,))
-    monkeypatch.setattr(jsonstream.JsonStream, "_fill", watched_fill)
-    fields: dict = {}
-    assert list(jsonstream.stream_object_array(tmp_path / "dataset.json", "images", fields)) == images
-    assert fields == {"dataset": "late_name"} and peak[0] <= 4 * max(chunk, largest) < len(text) / 10
+    def watched_read(self, n=-1):
+        data = read(self, n)
+        biggest[0] = max(biggest[0], len(data))
+        return data
+
+    monkeypatch.setattr(jsonstream._Reader, "read", watched_read)
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in jsonstream.stream_object_array(tmp_path / "dataset.json", "images", {}))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 3000 and biggest[0] == (chunk or jsonstream.CHUNK_BYTES)
+    if chunk is not None:  # reads of 64 KiB hold ~1 MiB of items at once: more than this whole test file
+        assert peak < len(text.encode()) / 5, (peak, len(text))
     ds = load_dataset(tmp_path)
-    assert ds.name == "late_name" and len(ds) == 400 and ds.samples[0].key == "late_name__c0_0"
+    assert ds.name == "late_name" and len(ds) == 3000 and ds.samples[0].key == "late_name__c0_0"
 
-    for broken in (text[:-3], text.replace('"split": "train"', '"split" "train"', 1), text + " x"):
-        (tmp_path / "dataset.json").write_text(broken, encoding="utf-8")
+
+@pytest.mark.parametrize("chunk", [16, 1000, None])
+def test_malformed_karpathy_file_names_position_and_reason(tmp_path, chunk, monkeypatch):
+    """Whatever the read size, an error names the file, the line, column (characters) and byte offset where the
+    parser stopped (within or at the end of the offending token; at the end of the file when it ends too early) and
+    its reason, on one line."""
+    images = [img(f"c{i}.jpg", captions=[f"caption {i} é"]) for i in range(300)]
+    text = json.dumps({"images": images, "dataset": "late_name"}, indent=1, ensure_ascii=False)
+    colon = text.replace('"split": "train"', '"split" "train"', 1)
+    cases = [  # (document, the character where the parser stops, reason)
+        (text[:-3], len(text) - 3, "parse error: premature EOF"),  # cut inside the last string
+        (colon, colon.index('"split" "train"') + len('"split" "train'),  # at the end of the unexpected token
+         "parse error: object key and value must be separated by a colon (':')"),
+        (text + " x", len(text) + 1, "parse error: trailing garbage"),
+        ("\ufeff" + text.replace("caption 7 é", "caption 7 é\x01"), text.index("caption 7 é") + 11 + 1,
+         "lexical error: invalid character inside string"),  # a control character in a string; BOM not counted
+    ]
+    for broken, char, reason in cases:
+        path = tmp_path / "dataset.json"
+        path.write_text(broken, encoding="utf-8")
+        data = broken.encode()
+        offset = len(broken[:char].encode())
+        line = broken[:char].count("\n") + 1
+        column = char - (broken.rfind("\n", 0, char) + 1) + 1 - (line == 1 and broken.startswith("\ufeff"))
+        with pytest.raises(DatasetFormatError) as err:
+            _stream(path, monkeypatch, chunk)
+        assert str(err.value) == (f"{path}: malformed JSON at line {line}, column {column} (byte offset {offset}): "
+                                  f"{reason}")
+        assert data[offset : offset + 1] in (broken[char : char + 1].encode(), b"")
         with pytest.raises(json.JSONDecodeError) as ref:
-            json.loads(broken)
-        where = f"line {ref.value.lineno}, column {ref.value.colno}: {ref.value.msg}"
-        with pytest.raises(DatasetFormatError, match=re.escape(f"malformed JSON at {where}")):
+            json.loads(broken.removeprefix("\ufeff"))
+        if "garbage" in reason:  # a one-character token: json.loads names the same character
+            assert ref.value.pos == char
+        with pytest.raises(DatasetFormatError, match=re.escape(f"malformed JSON at line {line}, column {column}")):
             load_dataset(tmp_path)
 
+
+def test_json_members_after_the_array_are_kept_whatever_their_size(tmp_path, monkeypatch):
+    """Members after the array are read from the bytes after its last item; when they are longer than the part
+    of the file read byte by byte (or the array is empty, or ends with a scalar), the file is walked again."""
+    from ssjdn.data.readers import jsonstream
+
+    walks = []
+    walk = jsonstream._walk
+    monkeypatch.setattr(jsonstream, "_walk", lambda *a, head_only: walks.append(head_only) or walk(*a, head_only=head_only))
+    big = {"notes": ["x" * 50] * 200, "n": [1, 2.5, None, True]}
+    small_tail = {"dataset": "first", "images": [[1, {"k": "]}"}]], "x": "]}", "dataset ": 2}
+    for doc, second_walk in (  # {TAIL_BYTES: whether the file is walked again}
+        ({"images": [img("a.jpg"), img("b.jpg")], "info": big, "dataset": "d"}, {8: True, 1024: True, 1 << 20: False}),
+        (small_tail, {8: True, 1024: False, 1 << 20: False}),
+        ({"info": big, "images": [], "dataset": "d"}, {8: True, 1024: True, 1 << 20: True}),
+        ({"images": [img("a.jpg"), 7], "dataset": "d"}, {8: True, 1024: True, 1 << 20: True}),
+    ):
+        (tmp_path / "dataset.json").write_text(json.dumps(doc))
+        expected_fields = {k: v for k, v in doc.items() if k != "images"}
+        for tail, again in second_walk.items():
+            monkeypatch.setattr(jsonstream, "TAIL_BYTES", tail)
+            walks.clear()
+            assert _stream(tmp_path / "dataset.json") == (doc["images"], expected_fields)
+            assert walks == ([True, False] if again else [True]), (doc, tail)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"expected a JSON object with an 'images' list, found empty file"),
+    ("\ufeff \n", r"expected a JSON object with an 'images' list, found empty file"),
+    ('[{"filename": "a.jpg"}]', r"expected a JSON object with an 'images' list, found a JSON value that is not an object"),
+    ('{"dataset": "x"}', r"expected a JSON object with an 'images' list$"),
+    ('{"images": {"a.jpg": {}}}', r"'images' must be a list"),
+    ('{"images": [{"lat": NaN}]}', r"malformed JSON at line 1, column 21 \(byte offset 20\): lexical error: invalid char"),
+    ('{"images": [{"id": 123456789012345678901234567890}]}',
+     r"malformed JSON at line 1, column 50 \(byte offset 49\): parse error: integer overflow"),
+])  # fmt: skip
+def test_json_document_shape_errors(tmp_path, text, message):
+    (tmp_path / "dataset.json").write_text(text, encoding="utf-8")
+    with pytest.raises(DatasetFormatError, match=r"dataset\.json: " + message):
+        _stream(tmp_path / "dataset.json")
+
+
+def test_json_streaming_uses_ijsons_c_backend_and_works_with_the_python_one(tmp_path, monkeypatch):
+    import ijson
+
+    from ssjdn.data.readers import jsonstream
+
+    try:
+        ijson.get_backend("yajl2_c")  # ijson's wheels include it
+    except ImportError:
+        assert jsonstream.BACKEND.backend == ijson.backend
+    else:
+        assert jsonstream.BACKEND.backend == "yajl2_c"
+    doc = {"images": [img("a.jpg", lat=1.5), img("b.jpg")], "dataset": "d"}
+    (tmp_path / "dataset.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(jsonstream, "BACKEND", ijson.get_backend("python"))
+    assert _stream(tmp_path / "dataset.json") == (doc["images"], {"dataset": "d"})
+    (tmp_path / "dataset.json").write_text(json.dumps(doc)[:-5])
+    with pytest.raises(DatasetFormatError,
+                       match=r"dataset\.json: malformed JSON at line 1, column \d+ \(byte offset \d+\): \S"):
+        _stream(tmp_path / "dataset.json")
 
 
 def test_labels_file_rows_are_checked_across_insert_batches(tmp_path, monkeypatch):
