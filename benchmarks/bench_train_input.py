@@ -5,7 +5,7 @@
 
 1. Throughput: the training loop of one Ray Train worker (engine `train_step`, same model, same batch size)
    fed (a) from pre-decoded, pre-collated tensors in memory and (b) from WebDataset shards on an S3 server
-   (a `moto_server` subprocess on 127.0.0.1) through `pipelines.train_data` (shuffle buffer, decoding and
+   (a `moto_server` subprocess on 127.0.0.1) through `pipelines.train.data` (shuffle buffer, decoding and
    augmentation in DataLoader worker processes, exact rebatching, tokenisation). Each mode runs in its own
    subprocess; samples/s exclude one warm-up step. Goal: s3 / memory >= 0.9.
    `--threads` is torch's intra-op threads, as in a Ray worker that reserves that many CPUs (1 by default).

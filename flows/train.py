@@ -10,6 +10,7 @@ failed flow continues where the job stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
@@ -17,53 +18,20 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from pipelines.fsio import redact
+from pipelines.options import flat_parameters, options_to_argv
+from pipelines.train.options import TrainOptions
+
 ARTIFACT_KEY = "train-ssjdn-metrics"
-
-
-def _cli_args(
-    config: str,
-    shards: str,
-    storage: str,
-    workers: int,
-    gpu: bool,
-    epochs: int | None,
-    resume: str,
-    name: str | None,
-    overrides: dict[str, Any] | None,
-    extra_args: list[str] | None,
-) -> list[str]:
-    args = [
-        "--config",
-        config,
-        "--shards",
-        shards,
-        "--storage",
-        storage,
-        "--workers",
-        str(workers),
-        "--resume",
-        resume,
-    ]
-    if gpu:
-        args.append("--gpu")
-    if epochs is not None:
-        args += ["--epochs", str(epochs)]
-    if name:
-        args += ["--name", name]
-    for key, value in (overrides or {}).items():
-        args += ["--set", f"{key}={value}"]
-    return args + list(extra_args or [])
+# The flow's defaults where the command line has none (a deployment run may pass only `shards`).
+FLOW_DEFAULTS = {"config": "cpu-small", "shards": "s3://ssjdn/shards/ucm", "storage": "s3://ssjdn/runs"}
 
 
 @task(name="train-in-process", cache_policy=NO_CACHE)
-def train_here(args: list[str]) -> dict[str, Any]:
-    import argparse
+def train_here(options: TrainOptions) -> dict[str, Any]:
+    from pipelines.train.driver import run_training
 
-    from pipelines.train.driver import add_arguments, options_from_args, run_training
-
-    parser = argparse.ArgumentParser(prog="train-ssjdn")
-    add_arguments(parser)
-    return run_training(options_from_args(parser.parse_args(args)))
+    return run_training(options)
 
 
 @task(name="ray-job-train", cache_policy=NO_CACHE)
@@ -125,34 +93,30 @@ def metrics_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @flow(name="train-ssjdn", log_prints=True)
+@flat_parameters(
+    TrainOptions,
+    defaults=FLOW_DEFAULTS,
+    extra={"ray_address": (str, "local"), "python": (str, "python"), "upload_code": (bool, True)},
+)
 def train_ssjdn(
-    config: str = "cpu-small",
-    shards: str = "s3://ssjdn/shards/ucm",
-    storage: str = "s3://ssjdn/runs",
-    workers: int = 2,
-    gpu: bool = False,
-    epochs: int | None = None,
-    ray_address: str = "local",
-    resume: str = "auto",
-    name: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    extra_args: list[str] | None = None,
-    python: str = "python",
-    upload_code: bool = True,
+    options: TrainOptions, *, ray_address: str = "local", python: str = "python", upload_code: bool = True
 ) -> dict[str, Any]:
     """Train SSJDN on Ray from the shards at `shards`; checkpoints and metrics go to `storage`.
 
-    `python` is the interpreter of the job's entrypoint on the cluster (the one with this project installed).
+    The parameters are `TrainOptions`' fields (`ssjdn train`'s flags) plus: `ray_address` ("local": train in this
+    process; "http://HEAD:8265": submit `python -m pipelines.train ...` as a Ray job), `python` (the interpreter of
+    the job's entrypoint on the cluster, the one with this project installed) and `upload_code` (send this
+    checkout as the job's working directory).
     """
     logger = get_run_logger()
-    args = _cli_args(config, shards, storage, workers, gpu, epochs, resume, name, overrides, extra_args)
     if ray_address in ("local", "", None):
-        logger.info("training in this process: %s", " ".join(args))
-        summary = train_here(args)
+        shown = dataclasses.replace(options, storage_options=redact(options.storage_options))
+        logger.info("training in this process: %s", shown)
+        summary = train_here(options)
     else:
-        summary = train_on_cluster(
-            ray_address, args, python or sys.executable, upload_code, run_key=name or f"{config}-{shards}"
-        )
+        args = options_to_argv(options)  # the same options, as `python -m pipelines.train` reads them
+        run_key = options.name or f"{options.config}-{options.shards}"
+        summary = train_on_cluster(ray_address, args, python or sys.executable, upload_code, run_key=run_key)
     table = metrics_table(summary)
     create_table_artifact(
         table=table,

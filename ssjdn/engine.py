@@ -5,6 +5,9 @@
 - `train_step(model, batch, optimizer, scheduler, *, amp, grad_clip) -> dict[str, float]`
 - `EvalSet` + `evaluate(model, tokenizer, eval_set, ...) -> metrics dict`; `embed_images`, `embed_captions`
 - checkpoints: `save_checkpoint`, `load_checkpoint`, `apply_checkpoint`, `restore_model` (see ssjdn.checkpoint)
+- epoch bookkeeping shared by `train-local` and every Ray Train worker: `StepSums` (an epoch's train stats),
+  `EpochLog` (the metrics rows, epoch 0 = untrained, the best-by-val mR, bad samples over the run; goes into
+  every checkpoint) and `check_bad_samples` (the bad-sample budget of an epoch)
 Works with a plain module or a DistributedDataParallel wrapper.
 """
 
@@ -14,21 +17,28 @@ import contextlib
 import math
 import os
 import random
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from ssjdn.batching import move_to_device
+from ssjdn.batching import BadItem, move_to_device
 from ssjdn.checkpoint import apply_checkpoint, load_checkpoint, restore_model, save_checkpoint
+from ssjdn.data.errors import DataError
 from ssjdn.metrics import retrieval_metrics_from_embeddings
 
 __all__ = [
+    "EpochLog",
     "EvalSet",
     "NonFiniteLossError",
+    "StepSums",
+    "TooManyBadSamples",
     "apply_checkpoint",
     "build_optimizer_and_scheduler",
+    "check_bad_samples",
     "embed_captions",
     "embed_images",
     "evaluate",
@@ -36,6 +46,7 @@ __all__ = [
     "restore_model",
     "save_checkpoint",
     "seed_everything",
+    "selection_mr",
     "train_step",
 ]
 
@@ -242,3 +253,95 @@ def evaluate(
     )
     _unwrap(model).train(was_training)
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------- epoch bookkeeping
+
+
+class TooManyBadSamples(DataError):
+    """More samples of an epoch were unreadable than the run allows; the message names the first ones."""
+
+
+def check_bad_samples(bad: Sequence[BadItem], seen: int, max_fraction: float | None, epoch: int) -> None:
+    """The bad-sample budget: raise TooManyBadSamples when the `bad` samples of `epoch` are more than
+    `max_fraction` of all its samples (`seen` good + bad). `max_fraction=None`: no limit."""
+    if max_fraction is None or not bad:
+        return
+    total = seen + len(bad)
+    if len(bad) > max_fraction * max(total, 1):
+        names = "; ".join(f"{b.key} ({b.source}): {b.reason}" for b in bad[:5])
+        raise TooManyBadSamples(
+            f"epoch {epoch}: {len(bad)} bad of {total} samples (limit {max_fraction:.2%}): {names}"
+        )
+
+
+class StepSums:
+    """Running sums of `train_step`'s stats over an epoch (of one process); `mean_of` makes the epoch's row."""
+
+    def __init__(self, sums: dict[str, float] | None = None, steps: int = 0) -> None:
+        self.sums: dict[str, float] = defaultdict(float, sums or {})
+        self.steps = int(steps)
+
+    def add(self, stats: dict[str, float]) -> None:
+        self.steps += 1
+        for k, v in stats.items():
+            self.sums[k] += v
+
+    @staticmethod
+    def mean_of(parts: Iterable[StepSums]) -> dict[str, float]:
+        """Per stat: the sum over `parts` (e.g. one per rank, in rank order) / all their steps together."""
+        parts = list(parts)
+        totals: dict[str, float] = defaultdict(float)
+        for part in parts:
+            for k, v in part.sums.items():
+                totals[k] += v
+        steps = max(sum(part.steps for part in parts), 1)
+        return {k: v / steps for k, v in totals.items()}
+
+
+def selection_mr(row: dict[str, Any]) -> float:
+    """The number that picks the best epoch: val mR, else test mR (when there is no val split)."""
+    return row.get("val", row.get("test", {})).get("mr", -math.inf)
+
+
+@dataclass
+class EpochLog:
+    """What a run has recorded so far, one row per epoch (epoch 0: the untrained model), the best selection mR
+    (`selection_mr`) and the bad samples counted over the run. `state()` goes into every checkpoint and
+    `from_state` reads it back, so a resumed run continues the same record."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best_mr: float = -math.inf
+    bad_total: int = 0
+
+    @classmethod
+    def from_state(cls, extra: dict[str, Any] | None) -> EpochLog:
+        extra = extra or {}
+        return cls(
+            list(extra.get("history", [])),
+            float(extra.get("best_mr", -math.inf)),
+            int(extra.get("bad_total", 0)),
+        )
+
+    def state(self) -> dict[str, Any]:
+        return {"best_mr": self.best_mr, "history": self.rows, "bad_total": self.bad_total}
+
+    @property
+    def needs_untrained(self) -> bool:
+        """Nothing recorded yet: evaluate the untrained model first, so the curve starts where training did."""
+        return not self.rows
+
+    def add_untrained(self, results: dict[str, dict[str, float]], eval_s: float) -> dict[str, Any]:
+        """Record epoch 0 from {split: metrics}."""
+        row = {"epoch": 0, "step": 0, **results, "eval_s": round(eval_s, 2)}
+        self.rows.append(row)
+        return row
+
+    def add_epoch(self, row: dict[str, Any]) -> bool:
+        """Record a trained epoch's row; True when it is the best so far (its checkpoint becomes the best)."""
+        self.rows.append(row)
+        mr = selection_mr(row)
+        if mr > self.best_mr:
+            self.best_mr = mr
+            return True
+        return False

@@ -4,19 +4,20 @@
   config.yaml      the resolved config (class count filled in)
   metrics.jsonl    one line per epoch (epoch 0 = the untrained model): train loss parts, val/test metrics
   best.pt          checkpoint with the best val mR (test metrics are reported, never used for selection)
-  last.pt          checkpoint after the last finished epoch (`resume=True` continues from it)
+  last.pt          checkpoint after the last finished epoch, with the epoch log (`resume=True` continues from it)
   bad_samples.jsonl images that could not be read or decoded (skipped, with the reason)
   summary.json     untrained vs best test metrics, timings
+
+The epoch bookkeeping (the metrics rows, best-by-val, the bad-sample budget, the train stats) is
+`ssjdn.engine`'s `EpochLog`, `check_bad_samples` and `StepSums`, the same as in every Ray Train worker.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 from ssjdn.batching import BadItem, make_collate_fn
 from ssjdn.config import SSJDNConfig, apply_overrides, config_to_dict
 from ssjdn.engine import (
+    EpochLog,
     EvalSet,
+    StepSums,
     apply_checkpoint,
     build_optimizer_and_scheduler,
+    check_bad_samples,
     evaluate,
     load_checkpoint,
     save_checkpoint,
@@ -109,6 +113,18 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,8 +143,12 @@ def train_local(
     dataset_format: str | None = None,
     images: str | os.PathLike | None = None,
     progress: bool = True,
+    max_bad_fraction: float | None = None,
 ) -> dict[str, Any]:
-    """Train `cfg` on the dataset at `data` (any format the readers know) and evaluate every epoch."""
+    """Train `cfg` on the dataset at `data` (any format the readers know) and evaluate every epoch.
+
+    `max_bad_fraction`: stop (TooManyBadSamples) when more of an epoch's train images are unreadable; None: no
+    limit (they are skipped and listed)."""
     import yaml
     from tqdm import tqdm
 
@@ -181,14 +201,14 @@ def train_local(
     optimizer, scheduler = build_optimizer_and_scheduler(model, cfg, total_steps)
 
     metrics_path = out / "metrics.jsonl"
-    start_epoch, step, best_mr = 1, 0, -math.inf
+    start_epoch, step, history = 1, 0, EpochLog()
     if ckpt is not None:
         step, done = apply_checkpoint(ckpt, model, optimizer, scheduler)
         start_epoch = done + 1
-        best_mr = float(ckpt["extra"].get("best_mr", -math.inf))
+        history = EpochLog.from_state(ckpt["extra"])
+        if not history.rows:  # a last.pt from before the log was kept in it: the rows are in metrics.jsonl
+            history.rows = [r for r in _read_jsonl(metrics_path) if r.get("epoch", 0) <= done]
         log.info("resumed from %s: epoch %d, step %d", out / "last.pt", done, step)
-    else:
-        metrics_path.write_text("")
 
     def run_eval() -> dict[str, Any]:
         res = {}
@@ -199,29 +219,23 @@ def train_local(
                 )
         return res
 
-    def select(res: dict) -> float:
-        return res.get("val", res.get("test", {})).get("mr", -math.inf)
-
-    def record(row: dict) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
     summary: dict[str, Any] = {"config": cfg.name, "data": str(ds.root), "device": str(dev)}
-    if ckpt is None:
+    if ckpt is None and history.needs_untrained:
         t0 = time.time()
         res = run_eval()
-        record({"epoch": 0, "step": 0, **res, "eval_s": round(time.time() - t0, 2)})
+        history.add_untrained(res, time.time() - t0)
+        _write_jsonl_atomic(metrics_path, history.rows)
         summary["untrained"] = res
         log.info(
             "untrained: val mR %.2f, test mR %.2f",
             *(res.get(k, {}).get("mr", float("nan")) for k in ("val", "test")),
         )
 
-    n_bad_train = 0
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         t0 = time.time()
-        sums: dict[str, float] = defaultdict(float)
-        n = 0
+        sums = StepSums()
+        bad_epoch: list[BadItem] = []
+        seen = 0
         bar = tqdm(
             total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not progress, leave=False
         )
@@ -229,8 +243,7 @@ def train_local(
             if i >= steps_per_epoch:
                 break
             for b in batch.pop("bad", []):
-                n_bad_train += 1
-                bad.append(b)
+                bad_epoch.append(b)
                 log.warning("skipped unreadable image %s (%s): %s", b.key, b.source, b.reason)
             if batch.get("pixels") is None or len(batch["keys"]) < 2:
                 continue
@@ -238,30 +251,30 @@ def train_local(
                 model, batch, optimizer, scheduler, amp=cfg.train.amp, grad_clip=cfg.optim.grad_clip
             )
             step += 1
-            n += 1
-            for k, v in stats.items():
-                sums[k] += v
+            seen += len(batch["keys"])
+            sums.add(stats)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
             if step % cfg.train.log_every == 0:
                 log.info("epoch %d step %d: %s", epoch, step, {k: round(v, 4) for k, v in stats.items()})
         bar.close()
         train_s = time.time() - t0
+        bad.extend(bad_epoch)
+        history.bad_total += len(bad_epoch)
+        check_bad_samples(bad_epoch, seen, max_bad_fraction, epoch)
         t1 = time.time()
         res = run_eval()
         row = {
             "epoch": epoch,
             "step": step,
-            "train": {k: v / max(n, 1) for k, v in sums.items()},
+            "train": StepSums.mean_of([sums]),
             **res,
             "train_s": round(train_s, 2),
             "eval_s": round(time.time() - t1, 2),
         }
-        record(row)
-        mr = select(res)
-        improved = mr > best_mr
+        improved = history.add_epoch(row)
         if improved:
-            best_mr = mr
+            mr = history.best_mr
             save_checkpoint(
                 out / "best.pt",
                 model=model,
@@ -279,8 +292,9 @@ def train_local(
             step=step,
             epoch=epoch,
             tokenizer=tokenizer,
-            extra={"best_mr": best_mr},
+            extra=history.state(),
         )
+        _write_jsonl_atomic(metrics_path, history.rows)  # after last.pt: a line never outlives its checkpoint
         log.info(
             "epoch %d: loss %.4f, val mR %.2f, test mR %.2f (%.0fs train, %.0fs eval)%s",
             epoch,

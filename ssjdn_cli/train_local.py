@@ -30,6 +30,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="config override, e.g. --set model.bsd=false --set loss.name=triplet (repeatable)",
     )
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=None,
+        help="stop when more of an epoch's train images are unreadable (default: no limit, they are skipped)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         dataset_format=args.format,
         images=args.images,
         progress=not args.no_progress,
+        max_bad_fraction=args.max_bad_fraction,
     )
     brief = {
         "untrained_test_mr": summary.get("untrained", {}).get("test", {}).get("mr"),

@@ -5,17 +5,22 @@ from __future__ import annotations
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from ssjdn.batching import collate
+from ssjdn.batching import BadItem, collate
 from ssjdn.config import load_config
 from ssjdn.engine import (
+    EpochLog,
     EvalSet,
     NonFiniteLossError,
+    StepSums,
+    TooManyBadSamples,
     apply_checkpoint,
     build_optimizer_and_scheduler,
+    check_bad_samples,
     evaluate,
     load_checkpoint,
     restore_model,
@@ -166,6 +171,36 @@ def test_evaluate_matches_metrics_on_embeddings():
     assert "cls_mr" in got
 
 
+def test_epoch_log_keeps_the_best_by_val_and_survives_a_checkpoint():
+    log = EpochLog()
+    assert log.needs_untrained
+    log.add_untrained({"val": {"mr": 5.0}, "test": {"mr": 9.0}}, eval_s=1.234)
+    assert log.rows == [{"epoch": 0, "step": 0, "val": {"mr": 5.0}, "test": {"mr": 9.0}, "eval_s": 1.23}]
+    assert not log.needs_untrained and log.best_mr == -math.inf  # epoch 0 is never "the best checkpoint"
+    assert log.add_epoch({"epoch": 1, "val": {"mr": 20.0}, "test": {"mr": 99.0}})
+    assert not log.add_epoch(
+        {"epoch": 2, "val": {"mr": 19.0}, "test": {"mr": 100.0}}
+    )  # val decides, not test
+    assert log.add_epoch({"epoch": 3, "test": {"mr": 21.0}})  # no val split: test decides
+    log.bad_total = 3
+    again = EpochLog.from_state(json.loads(json.dumps(log.state())))
+    assert again == log and EpochLog.from_state(None) == EpochLog()
+
+
+def test_step_sums_mean_over_ranks_and_the_bad_sample_budget():
+    a, b = StepSums(), StepSums({"loss": 1.0}, steps=1)
+    a.add({"loss": 2.0, "lr": 0.1})
+    a.add({"loss": 4.0, "lr": 0.1})
+    assert StepSums.mean_of([a]) == {"loss": 3.0, "lr": 0.1}
+    assert StepSums.mean_of([a, b]) == {"loss": 7.0 / 3, "lr": 0.2 / 3}  # over all steps of all ranks
+    assert StepSums.mean_of([]) == {}
+    bad = [BadItem(f"k{i}", "s3://b/shard.tar", "no json") for i in range(2)]
+    check_bad_samples(bad, 198, 0.01, epoch=1)  # 2 of 200: at the limit
+    check_bad_samples(bad, 10, None, epoch=1)  # no limit
+    with pytest.raises(TooManyBadSamples, match=r"epoch 2: 2 bad of 100 samples \(limit 1.00%\): k0 \(s3://"):
+        check_bad_samples(bad, 98, 0.01, epoch=2)
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     from ssjdn.data.synthetic import generate_synthetic
@@ -180,9 +215,10 @@ def synthetic(tmp_path_factory):
 
 
 def test_train_local_writes_metrics_checkpoints_and_resumes(synthetic, tmp_path):
+    from ssjdn.data.readers import load_dataset
     from ssjdn_cli.main import main
 
-    bad = next((synthetic / "images").iterdir())
+    bad = Path(load_dataset(synthetic).by_split("train")[0].source)
     good = bad.read_bytes()
     bad.write_bytes(good[: len(good) // 3])  # truncated JPEG: skipped and reported, not fatal
     try:
@@ -214,7 +250,11 @@ def test_train_local_writes_metrics_checkpoints_and_resumes(synthetic, tmp_path)
         assert main([*args[:-3], "--epochs", "3", "--resume", "--no-progress"]) == 0
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
-        assert load_checkpoint(out / "last.pt")["epoch"] == 3
+        last = load_checkpoint(out / "last.pt")
+        assert last["epoch"] == 3 and [r["epoch"] for r in last["extra"]["history"]] == [0, 1, 2, 3]
+
+        # the bad-sample budget of the Ray workers, here too: 1 unreadable train image is too many at 1%
+        assert main([*args[:6], str(tmp_path / "strict"), "--max-bad-fraction", "0.01", *args[7:]]) == 1
     finally:
         bad.write_bytes(good)
 

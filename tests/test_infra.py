@@ -122,14 +122,14 @@ def test_kuberay_gpu_worker_group_uses_the_gpu_image(name):
 
 
 def test_rayjob_entrypoint_is_a_valid_pipelines_train_command():
-    from pipelines.train.driver import add_arguments
+    from pipelines.train.cli import configure
     from ssjdn.config import load_config
 
     (doc,) = _docs(INFRA / "kuberay" / "rayjob.yaml")
     argv = shlex.split(doc["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "pipelines.train"]
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    configure(parser)
     args = parser.parse_args(argv[3:])  # exits (fails the test) on an unknown or malformed argument
     load_config(args.config)
     gpus = sum(int(g["replicas"]) * int(g["rayStartParams"]["num-gpus"]) for g in _gpu_groups(doc))

@@ -244,7 +244,7 @@ def test_bad_samples_are_skipped_counted_and_named(tmp_path):
 
 
 def _opts(shards: str, storage: str, **kw):
-    from pipelines.train.driver import TrainOptions
+    from pipelines.train.options import TrainOptions
 
     return TrainOptions(config="tiny", shards=shards, storage=storage, **kw)
 
@@ -335,6 +335,8 @@ def test_ray_storage_reaches_the_custom_s3_endpoint(s3_server):
 
 
 def test_ssjdn_train_subcommand_has_the_same_arguments():
+    from pipelines.options import from_args
+    from pipelines.train.options import TrainOptions
     from ssjdn_cli.main import build_parser
 
     args = build_parser().parse_args(
@@ -357,8 +359,88 @@ def test_ssjdn_train_subcommand_has_the_same_arguments():
             "train.batch_size=16",
         ]
     )
-    from pipelines.train.driver import options_from_args
-
-    opts = options_from_args(args)
+    opts = from_args(TrainOptions, args)
     assert (opts.workers, opts.gpu, opts.epochs, opts.resume) == (3, True, 4, "never")
     assert opts.overrides == {"train.batch_size": 16} and args._run.__module__ == "pipelines.train.cli"
+
+
+def test_train_options_go_through_the_command_line_unchanged():
+    """`options_to_argv` (the Ray job's command line) reads back into the same options; defaults stay out."""
+    import argparse
+
+    from pipelines.options import add_arguments, from_args, options_to_argv
+    from pipelines.train.options import TrainOptions
+
+    def round_trip(opts: TrainOptions) -> TrainOptions:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, TrainOptions)
+        return from_args(TrainOptions, parser.parse_args(options_to_argv(opts)))
+
+    plain = TrainOptions(config="tiny", shards="s3://b/s", storage="s3://b/runs")
+    assert options_to_argv(plain) == ["--config", "tiny", "--shards", "s3://b/s", "--storage", "s3://b/runs"]
+    assert round_trip(plain) == plain
+    full = TrainOptions(
+        config="tiny",
+        shards="s3://b/s",
+        storage="/tmp/runs",
+        workers=3,
+        gpu=True,
+        epochs=4,
+        resume="never",
+        name="r1",
+        overrides={"train.batch_size": 8, "optim.lr": 1e-05, "model.text.name": "8", "model.lsd": False},
+        max_bad_fraction=0.25,
+        cpus_per_worker=0.5,
+        placement="SPREAD",
+        audit_keys=True,
+        checkpoint_every=4,
+        storage_options={
+            "endpoint_url": "http://127.0.0.1:9000",
+            "anon": True,
+            "client_kwargs": {"region_name": "x"},
+        },
+        progress_every=2,
+    )
+    assert round_trip(full) == full
+    argv = options_to_argv(full)
+    assert "--gpu" in argv and "--storage-option" in argv and "--max-failures" not in argv
+    with pytest.raises(ValueError, match="storage option anon='true'"):
+        options_to_argv(TrainOptions(config="c", shards="s", storage="t", storage_options={"anon": "true"}))
+
+
+def test_train_flow_parameters_are_the_options_fields():
+    import inspect
+
+    from flows.train import FLOW_DEFAULTS, train_ssjdn
+
+    params = inspect.signature(train_ssjdn.fn).parameters
+    assert list(params)[:6] == ["config", "shards", "storage", "workers", "gpu", "epochs"]
+    assert {
+        "ray_address",
+        "python",
+        "upload_code",
+        "overrides",
+        "storage_options",
+        "checkpoint_every",
+    } <= set(params)
+    assert "address" not in params and "extra_args" not in params  # the flow has ray_address instead
+    assert {k: params[k].default for k in FLOW_DEFAULTS} == FLOW_DEFAULTS
+    assert params["overrides"].default is None and params["ray_address"].default == "local"
+
+
+def test_fault_hook_is_armed_by_one_variable(monkeypatch):
+    from pipelines.train.faults import ENV, Faults, armed
+    from pipelines.train.hooks import NoHook, StepInfo
+
+    monkeypatch.delenv(ENV, raising=False)
+    assert armed() is None
+    faults = Faults(nan_at_step=3)
+    monkeypatch.setenv(*next(iter(faults.env().items())))
+    assert armed() == faults
+    batch = {"keys": ["a", "b"], "pixels": torch.zeros(2, 3, 4, 4)}
+    at = StepInfo(epoch=1, step=3, rank=0, attempt=1, replay=False)
+    assert torch.isnan(faults.before_step(at, batch)["pixels"]).all()
+    assert not torch.isnan(batch["pixels"]).any()  # the loop's own batch is left alone
+    for other in (StepInfo(1, 2, 0, 1, False), StepInfo(1, 3, 0, 1, True)):  # another step; a replayed batch
+        assert faults.before_step(other, batch) is batch
+    assert NoHook().before_step(at, batch) is batch

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.train.data import assign_shards, lockstep_steps
+from pipelines.train.faults import Faults
 from pipelines.train.spec import shard_refs
 from tests.test_train import make_shards, new_bucket, train_keys
 
@@ -107,7 +108,7 @@ def test_ray_job_submit_on_two_nodes_survives_a_killed_worker(ray_head, shards, 
         "--submission-id",
         sid,
         "--runtime-env-json",
-        json.dumps({"env_vars": {"SSJDN_FAULT_KILL_AT_STEP": str(kill_at)}}),
+        json.dumps({"env_vars": Faults(kill_at_step=kill_at).env()}),
         "--",
         sys.executable,
         "-m",
@@ -222,7 +223,7 @@ def test_whole_job_killed_resumes_then_nan_loss_stops_and_keeps_the_last_good_ch
     nan_at = int(good_name.split("-s")[1][:7]) + 1
     done = int(good_name.split("-e")[1][:4])
     before = run.checkpoints()
-    second = _driver(ray_head, [*common, "--resume", "auto"], SSJDN_FAULT_NAN_AT_STEP=str(nan_at))
+    second = _driver(ray_head, [*common, "--resume", "auto"], **Faults(nan_at_step=nan_at).env())
     out, _ = second.communicate(timeout=600)
     assert second.returncode == 1, out[-4000:]
     attempts = run.read_jsonl("attempts.jsonl")

@@ -1,4 +1,4 @@
-"""`python -m pipelines.train ...` (the entrypoint of `ray job submit` and the KubeRay RayJob)."""
+"""`python -m pipelines.train ...` (= `ssjdn train`; the entrypoint of `ray job submit` and the KubeRay RayJob)."""
 
 import sys
 

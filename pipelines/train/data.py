@@ -14,7 +14,7 @@ How an epoch is exact (every train sample once, across all workers):
 3. `Rebatcher` turns the stream of items into batches of exactly `batch_size`; the epoch's last partial
    batch is kept (merged into the previous one when it would hold a single sample: in-batch negatives).
 4. Ranks may end up with a different number of batches; the training loop runs in lockstep until every
-   rank is out of data, and a rank that is already done contributes zero gradient (pipelines.train_loop).
+   rank is out of data, and a rank that is already done contributes zero gradient (pipelines.train.worker).
 Bad samples (unreadable member, undecodable image) are skipped, counted and named, never silently dropped.
 
 A DataLoader worker yields chunks `(worker_id, [entry, ...])`; an entry is a training item

@@ -1,68 +1,39 @@
 """Distributed SSJDN training on Ray Train from WebDataset shards, with checkpoints and resume on any storage URL.
 
-    python -m pipelines.train --config cpu-small --shards s3://bucket/ucm --storage s3://bucket/runs \\
-        [--workers 2] [--gpu] [--epochs 2] [--resume auto|never] [--name RUN]
-    ssjdn train ...            (same arguments)
+    summary = run_training(TrainOptions(config="cpu-small", shards="s3://bucket/ucm", storage="s3://bucket/runs"))
+    ssjdn train --config cpu-small --shards s3://bucket/ucm --storage s3://bucket/runs   (pipelines.train.cli)
 
 Driver side (this module): load the config, read the shard manifest and refuse what cannot work *before* any
 worker starts (no shards, no train/val split, fewer shards than workers, a run directory that belongs to
 another dataset or config), record the run identity (`run.json`), then run `TorchTrainer` with
 `RunConfig(storage_path=STORAGE, name=RUN)`: the same name continues the same run (`--resume auto`).
-Worker side: `pipelines.train_loop`. Files of a run: `pipelines.train_storage`.
-
-Top-level imports stay light (argparse-level): `ssjdn --help` imports this module.
+Worker side: `pipelines.train.worker`. Files of a run: `pipelines.train.rundir`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from pipelines.errors import PipelineError
+from pipelines.ray_env import worker_env
+from pipelines.train.options import TrainOptions
 
 log = logging.getLogger("pipelines.train")
 
 # Config keys that may change when a run is resumed (they do not change what a checkpoint means).
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.num_workers", "train.eval_batch_size")
-# Environment forwarded from the driver to the Train workers (never credentials: workers use their own chain).
-FORWARDED_ENV_PREFIXES = ("SSJDN_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(PipelineError, ValueError):
     """The run cannot start: the message names the shards/run URL and what is wrong. Raised before any worker."""
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PipelineError, RuntimeError):
     """The run started and failed; the message says why and where the last good checkpoint is."""
-
-
-@dataclass
-class TrainOptions:
-    config: str
-    shards: str
-    storage: str
-    workers: int = 2
-    gpu: bool = False
-    epochs: int | None = None
-    resume: str = "auto"  # auto | never
-    name: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    address: str | None = None  # Ray address; None: RAY_ADDRESS if set, else a local Ray
-    max_failures: int = 2
-    keep_checkpoints: int = 2
-    checkpoint_every: int = 0
-    loader_workers: int | None = None
-    shuffle_buffer: int = 1000
-    max_bad_fraction: float = 0.01
-    cpus_per_worker: float = 1.0
-    placement: str = "PACK"
-    audit_keys: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    progress_every: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------- preflight
@@ -93,6 +64,16 @@ def _train_captions(manifest: dict[str, Any], shards_url: str, storage_options) 
     return captions
 
 
+def _shard_refs(manifest: dict[str, Any], shards_url: str, split: str, storage_options, where: str):
+    """The split's shards from the manifest; a path leaving the shard folder is refused before any worker."""
+    from pipelines.train.spec import shard_refs
+
+    try:
+        return shard_refs(manifest, shards_url, split, storage_options)
+    except PipelineError as exc:
+        raise TrainSetupError(f"{where}: the {split} shards of the manifest cannot be read: {exc}") from None
+
+
 @dataclass
 class Prepared:
     """What the preflight established; `spec` is the worker's `LoopSpec` as plain data."""
@@ -110,7 +91,7 @@ def prepare(opts: TrainOptions) -> Prepared:
     from pipelines.fsio import StorageError, describe_endpoint
     from pipelines.shard.read import read_manifest
     from pipelines.train.rundir import RunDir, default_run_name, run_url
-    from pipelines.train.spec import LoopSpec, shard_refs
+    from pipelines.train.spec import LoopSpec
     from ssjdn.config import ConfigError, apply_overrides, config_to_dict, load_config
 
     if opts.resume not in ("auto", "never"):
@@ -143,6 +124,7 @@ def prepare(opts: TrainOptions) -> Prepared:
         raise TrainSetupError(
             f"{where}: dataset {ds_name!r} has no train shards (splits: {sorted(splits) or 'none'})"
         )
+    train = _shard_refs(manifest, opts.shards, "train", opts.storage_options, where)  # paths checked here
     eval_split = (
         "val"
         if splits.get("val", {}).get("samples")
@@ -158,13 +140,12 @@ def prepare(opts: TrainOptions) -> Prepared:
         log.warning(
             "%s has no val split: epochs are evaluated (and the best model chosen) on the test split", where
         )
-    train = shard_refs(manifest, opts.shards, "train", opts.storage_options)
     if len(train) < opts.workers:
         raise TrainSetupError(
             f"{where}: the train split has {len(train)} shard(s) for {opts.workers} workers; every worker needs "
             "at least one (re-shard with a smaller --maxcount, or use fewer --workers)"
         )
-    evals = shard_refs(manifest, opts.shards, eval_split, opts.storage_options)
+    evals = _shard_refs(manifest, opts.shards, eval_split, opts.storage_options, where)
 
     classes = [c["name"] for c in manifest.get("classes", [])]
     if cfg.model.lsd:
@@ -276,10 +257,6 @@ def prepare(opts: TrainOptions) -> Prepared:
 # ----------------------------------------------------------------------------------------------- Ray
 
 
-def _worker_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_ENV_PREFIXES)}
-
-
 def _init_ray(opts: TrainOptions) -> None:
     import ray
 
@@ -321,7 +298,8 @@ def build_trainer(opts: TrainOptions, prepared: Prepared):
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, opts.keep_checkpoints)),
-            worker_runtime_env={"env_vars": _worker_env()},
+            # Non-secret settings only (Ray logs runtime_env values): workers use their own AWS chain.
+            worker_runtime_env={"env_vars": worker_env()},
         ),
     )
 
@@ -393,134 +371,3 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         summary["last_checkpoint"],
     )
     return summary
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return value
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="config name (ssjdn/configs) or YAML path")
-    p.add_argument("--shards", required=True, help="shard destination URL written by `ssjdn shard`")
-    p.add_argument(
-        "--storage", required=True, help="where runs live (checkpoints, metrics): path or s3://bucket/prefix"
-    )
-    p.add_argument("--workers", type=_positive, default=2, help="Ray Train workers (default 2)")
-    p.add_argument(
-        "--gpu", action="store_true", help="one GPU per worker: NCCL, bf16 autocast, channels_last"
-    )
-    p.add_argument("--epochs", type=_positive, default=None, help="total epochs (default: the config's)")
-    p.add_argument(
-        "--resume",
-        choices=("auto", "never"),
-        default="auto",
-        help="auto: continue the run of the same name from its latest checkpoint; never: refuse if it exists",
-    )
-    p.add_argument("--name", default=None, help="run name under --storage (default ssjdn-CONFIG-DATASET)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, repeatable (e.g. train.batch_size=64)",
-    )
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument(
-        "--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint (2)"
-    )
-    p.add_argument("--keep-checkpoints", type=_positive, default=2, help="checkpoints kept in storage (2)")
-    p.add_argument(
-        "--checkpoint-every", type=int, default=0, help="also checkpoint every N steps inside an epoch"
-    )
-    p.add_argument(
-        "--loader-workers", type=int, default=None, help="decoding processes per worker (config's, >= 1)"
-    )
-    p.add_argument("--shuffle-buffer", type=int, default=1000, help="samples in each shuffle buffer (1000)")
-    p.add_argument(
-        "--max-bad-fraction", type=float, default=0.01, help="fail above this fraction of bad samples"
-    )
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs reserved per worker (1)")
-    p.add_argument(
-        "--placement",
-        choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-        default="PACK",
-        help="placement of the workers over nodes (SPREAD: one per node when possible)",
-    )
-    p.add_argument(
-        "--audit-keys", action="store_true", help="record every sample key seen, per rank and epoch"
-    )
-    p.add_argument(
-        "--storage-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec storage option for --shards/--storage (credentials: use the AWS_* variables)",
-    )
-    p.add_argument(
-        "--progress-every", type=int, default=None, help="progress.json every N steps (train.log_every)"
-    )
-
-
-def options_from_args(args: argparse.Namespace) -> TrainOptions:
-    from pipelines.fsio import parse_storage_options
-    from ssjdn.config import parse_override
-
-    return TrainOptions(
-        config=args.config,
-        shards=args.shards,
-        storage=args.storage,
-        workers=args.workers,
-        gpu=args.gpu,
-        epochs=args.epochs,
-        resume=args.resume,
-        name=args.name,
-        overrides=dict(parse_override(o) for o in args.overrides),
-        address=args.address,
-        max_failures=args.max_failures,
-        keep_checkpoints=args.keep_checkpoints,
-        checkpoint_every=args.checkpoint_every,
-        loader_workers=args.loader_workers,
-        shuffle_buffer=args.shuffle_buffer,
-        max_bad_fraction=args.max_bad_fraction,
-        cpus_per_worker=args.cpus_per_worker,
-        placement=args.placement,
-        audit_keys=args.audit_keys,
-        storage_options=parse_storage_options(args.storage_option),
-        progress_every=args.progress_every,
-    )
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    import json
-
-    from ssjdn.config import ConfigError
-
-    try:
-        summary = run_training(options_from_args(args))
-    except (TrainSetupError, ConfigError) as exc:
-        log.error("cannot start training: %s", exc)
-        return 2
-    except TrainingError as exc:
-        log.error("%s", exc)
-        return 1
-    print("SSJDN_TRAIN_SUMMARY " + json.dumps(summary, sort_keys=True, default=str), flush=True)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_cli(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

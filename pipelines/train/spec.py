@@ -29,7 +29,7 @@ def shard_refs(manifest: dict[str, Any], shards_url: str, split: str, storage_op
 
 @dataclass
 class LoopSpec:
-    """What every rank needs, as plain data (see pipelines.train_loop)."""
+    """What every rank needs, as plain data (see pipelines.train.worker)."""
 
     config: dict[str, Any]
     run_url: str

@@ -24,14 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import PipelineError
+
 log = logging.getLogger("pipelines.train")
 
 SUMMARY_PREFIX = "SSJDN_TRAIN_SUMMARY "
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (this file: pipelines/train/submit.py)
 
 
-class JobFailedError(RuntimeError):
+class JobFailedError(PipelineError, RuntimeError):
     """The Ray job ended FAILED or STOPPED; the message carries Ray's reason and the end of the job's log."""
 
 
