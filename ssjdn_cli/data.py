@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 NAME = "data"
-HELP = "dataset utilities (describe: counts, classes, splits, missing or unreadable images)"
+HELP = "dataset utilities (describe: counts, classes, splits, missing, unreadable or refused images)"
 
 FORMAT_CHOICES = ("karpathy", "precomp", "precomp:verify", "table")  # = ssjdn.data.readers.FORMATS
 CHECK_CHOICES = ("decode", "header", "exists", "none")  # = ssjdn.data.describe.CHECK_MODES
@@ -18,14 +18,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="summarise a dataset: images, captions, classes, splits, missing/unreadable images, duplicates",
         description=(
             "Read a dataset (Karpathy JSON, precomp caption files, or a CSV/JSONL/Parquet table), check its images "
-            "and print a summary. Exits 1 when images are missing (unless --allow-missing) or unreadable (unless "
-            "--allow-unreadable), 2 when the dataset files themselves are unusable."
+            "and print a summary. Exits 1 when images are missing (unless --allow-missing), unreadable (unless "
+            "--allow-unreadable) or refused (symbolic links out of the dataset: see --follow-symlinks), 2 when the "
+            "dataset files themselves are unusable."
         ),
     )
     p.add_argument("dataset", metavar="DATASET", help="dataset folder or its description file")
     p.add_argument("--images", metavar="DIR", help="image folder (default: DATASET/images, else DATASET)")
     p.add_argument("--format", choices=FORMAT_CHOICES, help="skip format detection")
     p.add_argument("--name", help="dataset name used in sample keys (default: from the data)")
+    p.add_argument(
+        "--allow-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder outside the dataset that image names, file:/local: URLs and symbolic links may point "
+        "into (repeatable)",
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read images through symbolic links that lead out of the dataset (default: refuse them)",
+    )
     p.add_argument("--allow-missing", action="store_true", help="exit 0 even when images are missing")
     p.add_argument(
         "--allow-unreadable", action="store_true", help="exit 0 even when images cannot be decoded"
@@ -56,11 +70,19 @@ def _describe(args: argparse.Namespace) -> int:
     from ssjdn.data.readers import load_dataset
 
     try:
-        ds = load_dataset(args.dataset, format=args.format, images=args.images, name=args.name)
+        ds = load_dataset(
+            args.dataset,
+            format=args.format,
+            images=args.images,
+            name=args.name,
+            allow_roots=tuple(args.allow_root),
+        )
     except (DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = describe_dataset(ds, check=args.check, max_named=args.show, progress=None)
+    report = describe_dataset(
+        ds, check=args.check, max_named=args.show, progress=None, follow_symlinks=args.follow_symlinks
+    )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 
     status = 0
@@ -76,5 +98,10 @@ def _describe(args: argparse.Namespace) -> int:
     if unreadable["count"] and not args.allow_unreadable:
         first = "; ".join(u["reason"] for u in unreadable["first"])
         print(f"error: {unreadable['count']} images are unreadable: {first}", file=sys.stderr)
+        status = 1
+    refused = report["refused_images"]
+    if refused["count"]:
+        first = "; ".join(u["reason"] for u in refused["first"][:1])
+        print(f"error: {refused['count']} images refused (not read): {first}", file=sys.stderr)
         status = 1
     return status

@@ -219,8 +219,30 @@ def test_truncated_multiband_tiff():
 
 
 def test_not_an_image():
-    with pytest.raises(ImageDecodeError, match=r"notes\.jpg: not a recognised image \(18 bytes, starting 68 65"):
+    with pytest.raises(
+        ImageDecodeError, match=r"notes\.jpg: not a recognised image \(18 bytes, looks like text\)"
+    ):
         decode_image(b"hello, not a photo", "notes.jpg")
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"root:x:0:0:root:/root:/bin/bash\n", "looks like text"),
+        (b"<html><body>404</body></html>", "looks like HTML or XML"),
+        (b"%PDF-1.7 secret", "a PDF document"),
+        (bytes(range(256)) * 4, "binary data of no known image format"),
+    ],
+)
+def test_a_non_image_message_never_holds_its_bytes(data, kind):
+    """Issue 19 (6): the message (which goes to logs and to the quarantine report) used to carry the first
+    8 bytes in hex: for a link to /etc/passwd, `72 6f 6f 74 3a 78 3a 30` ("root:x:0")."""
+    for check in (decode_image, probe_image, lambda d, n: check_image(d, n, level="structure")):
+        with pytest.raises(ImageDecodeError) as err:
+            check(data, "x.jpg")
+        message = str(err.value)
+        assert kind in message and data[:8].hex(" ") not in message and data[:8].hex() not in message
+        assert data[:4].decode("latin-1") not in message  # "root", "<htm", "%PDF": nothing of the content
 
 
 def png_header_claiming(width: int, height: int) -> bytes:

@@ -1,13 +1,26 @@
 """What the embedding job sees in an archive (no Ray): shard manifests, tar folders, datasets, image folders,
-listings; incremental planning per unit and per table; reading a unit with unreadable files."""
+listings; incremental planning per unit and per table; reading a unit with unreadable files; tars that do not
+read to their end; units whose source changed since they were committed."""
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import shutil
+import tarfile
 
 import pytest
 
-from pipelines.embed.sources import discover, member_uri, plan_units, read_unit, split_member_uri
+from pipelines.embed.sources import (
+    UnitReadError,
+    change_reason,
+    discover,
+    member_uri,
+    plan_units,
+    read_unit,
+    split_member_uri,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +86,109 @@ def test_listing_and_changed_shards(tmp_path, dataset):
     kind, units, samples = discover(str(listing))
     assert kind == "listing" and [s["source"] for s in samples] == paths
     shard = {"id": "test/shard-000000.tar", "kind": "shard", "url": "x", "fingerprint": "new"}
-    _, complete, changed = plan_units(
-        [shard], [], {shard["id"]: {"images": 3, "fingerprint": "old"}}, ("images",)
+    todo, complete, changed = plan_units(
+        [shard], [], {shard["id"]: {"images": 3, "fingerprint": "old"}}, ("images", "captions")
     )
-    assert complete == 1 and changed == ["test/shard-000000.tar"]
+    # changed: neither done nor planned (not even for the missing captions table: that would mix two sources)
+    assert not todo and complete == 0 and changed == ["test/shard-000000.tar"]
     assert member_uri("s3://b/s.tar", "k.jpg") == "tar://k.jpg::s3://b/s.tar"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         discover(str(tmp_path / "nothing-here"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="found no shards"):
         discover(str(tmp_path / "empty"))
+
+
+def _tar_of(path, n: int = 10) -> bytes:
+    """A bare tar of `n` samples (jpg + json members, the jpg bytes need not be an image here)."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            for ext, data in (
+                ("jpg", bytes([i]) * 3000),
+                ("json", json.dumps({"captions": [f"c{i}"]}).encode()),
+            ):
+                info = tarfile.TarInfo(f"k{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+SAMPLE_BYTES = 512 + 3072 + 512 + 512  # a jpg header + data, a json header + data
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["cut inside a member", "cut at a member boundary", "corrupt header", "second archive", "empty file"],
+)
+def test_a_tar_that_does_not_read_to_its_end_fails_the_unit(tmp_path, damage):
+    """Issue 19 (2): the old reader yielded the first samples and `?` rows (or nothing at all) and the unit
+    counted as complete; now reading the unit raises, so the job fails it and a re-run retries it."""
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    whole = _tar_of(folder / "a.tar")
+    (unit,) = discover(str(folder))[1]
+    assert [r["key"] for r in read_unit(unit)] == [f"k{i}" for i in range(10)]  # intact: all ten
+    cut = {
+        "cut inside a member": whole[: 5 * SAMPLE_BYTES + 700],
+        "cut at a member boundary": whole[: 5 * SAMPLE_BYTES],
+        "corrupt header": whole[: 5 * SAMPLE_BYTES] + b"\x01" * 100 + whole[5 * SAMPLE_BYTES + 100 :],
+        "second archive": whole[: 10 * SAMPLE_BYTES + 1024] + whole,
+        "empty file": b"",
+    }[damage]
+    (folder / "a.tar").write_bytes(cut)
+    rows = []
+    with pytest.raises(UnitReadError, match=r"a\.tar: the tar does not read to its end"):
+        rows.extend(read_unit(unit))
+    assert all(r["error"] is None for r in rows)  # what came before the damage, never a `?` row
+
+
+def test_a_shard_whose_size_is_not_the_manifests_fails_the_unit(dataset, tmp_path):
+    from pipelines.shard.job import shard_dataset
+
+    shard_dataset(dataset, str(tmp_path / "shards"), maxcount=3, progress=False)
+    unit = discover(str(tmp_path / "shards"))[1][0]
+    assert unit["bytes"] == os.path.getsize(unit["url"]) and len(list(read_unit(unit))) == unit["expected"]
+    data = open(unit["url"], "rb").read()
+    with open(unit["url"], "ab") as f:  # zeros appended: still a valid tar, but not the committed shard
+        f.write(bytes(10240))
+    with pytest.raises(UnitReadError, match=r"bytes, but the shard manifest lists"):
+        list(read_unit(unit))
+    # same size, one byte of an image changed: a valid tar that reads to its end, but not the shard's sha256
+    i = data.index(b"\xff\xd9")  # a JPEG's end-of-image marker
+    with open(unit["url"], "wb") as f:
+        f.write(data[: i - 1] + bytes([data[i - 1] ^ 1]) + data[i:])
+    with pytest.raises(UnitReadError, match=r"is not the .* the shard manifest lists"):
+        list(read_unit(unit))
+
+
+def test_bare_tars_carry_a_source_signature_and_a_rewritten_tar_is_changed(tmp_path):
+    """Issue 19 (2): bare tars had no fingerprint, so a tar rewritten after its unit was committed was never
+    noticed; now size + mtime (ETag on object stores) is recorded and compared."""
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    _tar_of(folder / "a.tar", 3)
+    _tar_of(folder / "b.tar", 2)
+    kind, units, _ = discover(str(folder))
+    assert kind == "tar-folder" and all(u["fingerprint"].startswith("size=") for u in units)
+    done = {
+        u["id"]: {"id": u["id"], "kind": "shard", "images": 3, "fingerprint": u["fingerprint"]} for u in units
+    }
+    assert plan_units(units, [], done, ("images",)) == ([], 2, [])
+    _tar_of(folder / "a.tar", 4)  # restored or fixed in place: other size, other mtime
+    os.utime(folder / "b.tar", ns=(1, 1))  # same bytes, touched: other mtime
+    units = discover(str(folder))[1]
+    todo, complete, changed = plan_units(units, [], done, ("images",))
+    assert (todo, complete, changed) == ([], 0, ["a.tar", "b.tar"])
+    assert "source changed since it was embedded" in change_reason(units[0], done["a.tar"])
+    # a listing of tars gets the same signatures (one folder listing, not one request per tar)
+    (tmp_path / "list.txt").write_text(f"{folder / 'a.tar'}\n{folder / 'b.tar'}\n")
+    listed = discover(str(tmp_path / "list.txt"))[1]
+    assert [u["fingerprint"] for u in listed] == [u["fingerprint"] for u in units]
+
+
+def test_units_committed_from_a_broken_tar_by_an_older_version_are_flagged():
+    unit = {"id": "a.tar", "kind": "shard", "url": "a.tar", "fingerprint": None}
+    prior = {"id": "a.tar", "images": 5, "bad": [{"key": "?", "reason": "ReadError: unexpected end of data"}]}
+    assert plan_units([unit], [], {"a.tar": prior}, ("images",)) == ([], 0, ["a.tar"])
+    assert "did not read to its end" in change_reason(unit, prior)
+    assert change_reason(unit, {**prior, "bad": [{"key": "k1", "reason": "not an image"}]}) is None

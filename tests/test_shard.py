@@ -153,14 +153,18 @@ def test_bad_samples_are_quarantined_named_and_counted(synthetic, tmp_path):
     assert 1 <= fixed.written <= 2 and fixed.skipped == len(fixed.manifest["shards"]) - fixed.written
 
 
-def test_too_many_bad_samples_fail_with_a_summary_and_no_manifest(synthetic, tmp_path, caplog):
-    _break_dataset(synthetic)
+def test_too_many_bad_samples_fail_with_a_summary_and_no_manifest(synthetic, tmp_path, capsys):
+    broken = _break_dataset(synthetic)
     dest = tmp_path / "out"
     rc = cli_main(["shard", str(synthetic), str(dest), "--workers", "1", "--no-progress"])
     assert rc == 1
-    # the reader's and the listing's findings (no captions, missing file) already exceed 1%: no image is read
-    assert "at least 2 of 40 samples are bad (5.00% > max 1.00%); stopped early" in caplog.text
-    assert f"Report: {dest}/_quarantine/report.jsonl. Manifest not written" in caplog.text
+    # the reader's and the listing's findings (no captions, missing file) already exceed 1%: no image is read;
+    # the command prints one error line (pipelines.command), which groups the bad samples by reason
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert "at least 2 of 40 samples are bad (5.00% > max 1.00%); stopped early" in line
+    assert f"Report: {dest}/_quarantine/report.jsonl. Manifest not written" in line
+    assert '"no captions; sample quarantined" x 1 (' in line and '"image file not found" x 1 (' in line
+    assert broken["captionless"].rsplit(".", 1)[0] in line
     assert not (dest / "_manifest.json").exists()
     assert len((dest / "_quarantine/report.jsonl").read_text().splitlines()) == 2
 

@@ -9,8 +9,15 @@ Archive kinds (detected in this order):
 Image files are grouped into chunks of at most `chunk_size` (sorted by key), each chunk a unit that records
 its keys, so a re-run embeds only images that are not in the store yet.
 
-`read_unit` yields the samples of one unit as plain dicts (image bytes undecoded) and never unpickles:
-shards go through `pipelines.shards_read` (explicit member decoding only).
+A tar unit carries a `fingerprint` of its source, recorded with the unit when it is committed: the shard's
+sha256 from the shard manifest, else the tar's size plus ETag (object stores) or mtime (local files). A unit
+whose fingerprint differs from the recorded one has changed since it was embedded (`change_reason`).
+
+`read_unit` yields the samples of one unit as plain dicts (image bytes undecoded) and never unpickles: a tar
+is read with `tarfile` in stream mode, only the members this project writes are kept, and they are decoded by
+`pipelines.shard.read.decode_sample` (explicit member decoding only). A tar that does not read to its end
+(cut short, unreadable, a size other than the shard manifest's) raises `UnitReadError`: the unit fails as a
+whole and a re-run retries it; only samples whose own members are broken are skipped one by one.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+import re
 from collections.abc import Iterator
 from typing import Any
 
+from pipelines.errors import PipelineError
 from pipelines.fsio import full_url, get_fs, is_local, read_json, safe_join
 
 log = logging.getLogger(__name__)
@@ -28,6 +37,10 @@ log = logging.getLogger(__name__)
 SHARD_MANIFEST = "_manifest.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 DEFAULT_CHUNK = 1000
+
+
+class UnitReadError(PipelineError, OSError):
+    """A unit's tar does not read to its end (cut short, unreadable, not the size its manifest lists)."""
 
 
 def member_uri(shard_url: str, member: str) -> str:
@@ -43,7 +56,14 @@ def split_member_uri(uri: str) -> tuple[str, str] | None:
     return shard, member
 
 
-def _shard_unit(uid: str, url: str, split: str | None, fingerprint: str | None, samples: int | None) -> dict:
+def _shard_unit(
+    uid: str,
+    url: str,
+    split: str | None,
+    fingerprint: str | None,
+    samples: int | None,
+    nbytes: int | None = None,
+) -> dict:
     return {
         "id": uid,
         "kind": "shard",
@@ -51,7 +71,42 @@ def _shard_unit(uid: str, url: str, split: str | None, fingerprint: str | None, 
         "split": split,
         "fingerprint": fingerprint,
         "expected": samples,
+        "bytes": nbytes,
     }
+
+
+def source_signature(info: dict[str, Any] | None) -> str | None:
+    """`size=N,etag=E` (object stores) or `size=N,mtime=T` (local files) from an fsspec `info`; None if unknown."""
+    if not info or info.get("size") is None:
+        return None
+    size = int(info["size"])
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    if etag:
+        return f"size={size},etag=" + str(etag).strip('"')
+    keys = ("mtime", "LastModified", "last_modified", "updated", "modified")
+    mtime = next((info[k] for k in keys if info.get(k)), None)
+    if mtime is None:
+        return None
+    return f"size={size},mtime={mtime.isoformat() if hasattr(mtime, 'isoformat') else repr(mtime)}"
+
+
+def _listing_signatures(urls: list[str], storage_options: dict[str, Any] | None) -> dict[str, str | None]:
+    """Signatures of the tars a listing names: one folder listing per folder, not one request per tar."""
+    out: dict[str, str | None] = {}
+    folders: dict[str, list[str]] = {}
+    for u in urls:
+        folders.setdefault(posixpath.dirname(u), []).append(u)
+    for folder, members in folders.items():
+        try:
+            fs, path = get_fs(folder, storage_options)
+            listing = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True)}
+        except Exception as exc:  # best effort (any backend's errors): without a listing, no signature
+            log.debug("cannot list %s: %s", folder, exc)
+            listing, fs = {}, None
+        for u in members:
+            info = listing.get(fs._strip_protocol(u).rstrip("/")) if fs is not None else None
+            out[u] = source_signature(info)
+    return out
 
 
 def _files_unit(samples: list[dict[str, Any]]) -> dict:
@@ -104,19 +159,22 @@ def discover(
                 s.get("split"),
                 s.get("sha256"),
                 s.get("samples"),
+                s.get("bytes"),
             )
             for s in manifest.get("shards", [])
             if want is None or s.get("split") in want
         ]
         return "webdataset", units, []
     if fs.isfile(root) and root.endswith(".tar"):
-        return "tar", [_shard_unit(posixpath.basename(root), full_url(fs, root), None, None, None)], []
+        sig = source_signature(fs.info(root))
+        return "tar", [_shard_unit(posixpath.basename(root), full_url(fs, root), None, sig, None)], []
     if fs.isfile(root) and root.endswith((".txt", ".lst")):
         with fs.open(root, "rb") as f:
             urls = [line.strip() for line in f.read().decode("utf-8").splitlines() if line.strip()]
         urls = [u for u in urls if not u.startswith("#")]
         if urls and all(u.endswith(".tar") for u in urls):
-            return "listing", [_shard_unit(u, u, None, None, None) for u in urls], []
+            sigs = _listing_signatures(urls, storage_options)
+            return "listing", [_shard_unit(u, u, None, sigs[u], None) for u in urls], []
         stem = posixpath.splitext(posixpath.basename(root))[0]
         return "listing", [], [_image_sample(make_key(stem, u.rsplit("/", 1)[-1]), u) for u in urls]
     if is_local(fs):
@@ -124,12 +182,18 @@ def discover(
         if samples is not None:
             return "dataset", [], samples
     if fs.isdir(root):
-        tars = sorted(p for p in fs.find(root) if p.endswith(".tar"))
+        found = fs.find(root, detail=True)
+        tars = sorted(p for p in found if p.endswith(".tar"))
         if tars:
-            units = [_shard_unit(posixpath.relpath(p, root), full_url(fs, p), None, None, None) for p in tars]
+            units = [
+                _shard_unit(
+                    posixpath.relpath(p, root), full_url(fs, p), None, source_signature(found[p]), None
+                )
+                for p in tars
+            ]
             return "tar-folder", units, []
         name = posixpath.basename(root)
-        images = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
+        images = sorted(p for p in found if p.lower().endswith(IMAGE_SUFFIXES))
         if images:
             return (
                 "image-folder",
@@ -169,22 +233,20 @@ def plan_units(
     tables: tuple[str, ...],
     chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[list[dict[str, Any]], int, list[str]]:
-    """(units to embed, units already complete, ids of committed shards whose content changed since).
+    """(units to embed, units already complete, ids of committed tar units that changed since: `change_reason`).
 
     A unit is complete when every requested table is committed for it; a unit that has images but now also
-    needs captions is planned for the missing table only (`tables` on the unit).
+    needs captions is planned for the missing table only (`tables` on the unit). A changed unit is neither
+    complete nor planned: its committed rows no longer match its source, and adding a table to them would mix
+    two versions of the source under one unit.
     """
     todo, complete, changed = [], 0, []
     for unit in shard_units:
         prior = done.get(unit["id"])
         missing = tuple(t for t in tables if prior is None or prior.get(t) is None)
-        if (
-            prior is not None
-            and unit.get("fingerprint")
-            and prior.get("fingerprint") not in (None, unit["fingerprint"])
-        ):
+        if prior is not None and change_reason(unit, prior) is not None:
             changed.append(unit["id"])
-        if missing:
+        elif missing:
             todo.append({**unit, "tables": list(missing)})
         else:
             complete += 1
@@ -203,6 +265,23 @@ def plan_units(
             for i in range(0, len(group), chunk_size):
                 todo.append({**_files_unit(group[i : i + chunk_size]), "tables": list(missing)})
     return todo, complete, changed
+
+
+def change_reason(unit: dict[str, Any], prior: dict[str, Any]) -> str | None:
+    """Why the committed entry `prior` of a tar unit no longer stands for `unit`'s source; None when it does.
+
+    Changed: the fingerprint recorded at commit (shard sha256, or size + ETag/mtime) differs from the source's
+    now. Also: an entry committed by an earlier version of this job from a tar that broke off mid-stream (its
+    bad samples include one keyed `?`): its rows stop where the read stopped.
+    """
+    old, new = prior.get("fingerprint"), unit.get("fingerprint")
+    if old and new and old != new:
+        return f"its source changed since it was embedded (recorded {old}, now {new})"
+    if unit.get("kind") == "shard":
+        broken = next((b for b in prior.get("bad") or [] if b.get("key") == "?"), None)
+        if broken is not None:
+            return f"it was committed from a tar that did not read to its end ({broken.get('reason')})"
+    return None
 
 
 def read_unit(
@@ -224,16 +303,15 @@ def read_unit(
 
 
 def _read_shard(unit: dict[str, Any], storage_options: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
-    from pipelines.shard.read import open_shards
+    from pipelines.shard.read import ShardReadError, decode_sample
 
     broken: list[str] = []
-
-    def skip_broken(exc: Exception) -> bool:
-        # A sample whose members do not parse: remembered and reported; the tar itself stays readable.
-        broken.append(f"{type(exc).__name__}: {exc}")
-        return True
-
-    for s in open_shards([unit["url"]], storage_options=storage_options, handler=skip_broken):
+    for raw in _tar_samples(unit, storage_options):
+        try:
+            s = decode_sample(raw)
+        except ShardReadError as exc:  # this sample's own members: reported; the tar reads on
+            broken.append(f"{type(exc).__name__}: {exc}")
+            continue
         meta = s["meta"] if isinstance(s["meta"], dict) else {}
         member = f"{s['key']}.{s['image_ext']}"
         yield {
@@ -261,6 +339,94 @@ def _read_shard(unit: dict[str, Any], storage_options: dict[str, Any] | None) ->
             "name": unit["url"],
             "error": reason,
         }
+
+
+# A member's sample key is its name up to the first dot of the base name, the rest its extension (as webdataset).
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_MAX_TAIL = 4 << 20  # bytes after the end-of-archive marker that can still be padding (blocking factors)
+
+
+class _HashingReader:
+    """What tarfile's stream mode needs of a file (`read`), hashing every byte that passes."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        return data
+
+
+def _tar_samples(unit: dict[str, Any], storage_options: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+    """Raw samples (`{"__key__", "__url__", ext: bytes}`, as webdataset groups them) of one tar, only the
+    members this project reads (nothing is unpickled or decoded here). Raises `UnitReadError` unless the tar
+    reads to its end: Python's tarfile (and so webdataset) stops silently at a header that is cut short or
+    corrupt, so what follows the last member read must be the end-of-archive marker (zero blocks) and nothing
+    else. A shard listed in a shard manifest must also have the size and the sha256 the manifest lists (the
+    bytes are hashed as they are read; the samples of a shard whose hash turns out wrong are already yielded,
+    so the caller must treat the unit as failed, as the embedding job does with any exception)."""
+    import tarfile
+
+    from pipelines.shard.layout import EXPECTED_MEMBERS
+
+    url = unit["url"]
+    fs, path = get_fs(url, storage_options)
+    size = fs.size(path)
+    listed = unit.get("bytes") is not None  # a shard of a shard manifest: its size and sha256 are known
+    if listed and size != unit["bytes"]:
+        raise UnitReadError(
+            f"{url}: {size} bytes, but the shard manifest lists {unit['bytes']} (cut short or replaced)"
+        )
+    read = 0
+    with fs.open(path, "rb", block_size=8 << 20) as f:
+        reader = _HashingReader(f)
+        try:
+            tar = tarfile.open(fileobj=reader, mode="r|", bufsize=1 << 20)
+            current: dict[str, Any] | None = None
+            for info in tar:
+                m = _MEMBER.match(info.name)
+                if not info.isreg() or m is None or m.group(2).lower() not in EXPECTED_MEMBERS:
+                    continue  # never read into memory (tarfile skips over its data)
+                key, ext = m.group(1), m.group(2).lower()
+                data = tar.extractfile(info).read()
+                if current is not None and current["__key__"] != key:
+                    read += 1
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                if ext in current:
+                    raise UnitReadError(f"{url}: member {info.name} appears twice in sample {key!r}")
+                current[ext] = data
+            if current is not None:
+                read += 1
+                yield current
+            end = tar.offset
+        except (tarfile.TarError, EOFError) as exc:
+            raise UnitReadError(
+                f"{url}: the tar does not read to its end (stopped after {read} sample(s)): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        rest = size - end
+        padding = b""
+        if 512 <= rest <= _MAX_TAIL:
+            while reader.read(1 << 20):  # the rest of the file, for the hash
+                pass
+            f.seek(end)
+            padding = f.read(rest)
+    if rest < 512 or rest > _MAX_TAIL or padding.count(0) != len(padding):
+        what = "the file is cut short" if rest < 512 else "a corrupt member header, or a second archive"
+        raise UnitReadError(
+            f"{url}: the tar does not read to its end: {read} sample(s) read, then no end-of-archive "
+            f"marker at byte {end} of {size}: {what}"
+        )
+    if listed and unit.get("fingerprint") and reader.sha.hexdigest() != unit["fingerprint"]:
+        raise UnitReadError(
+            f"{url}: sha256 {reader.sha.hexdigest()[:16]}... is not the {str(unit['fingerprint'])[:16]}... "
+            "the shard manifest lists (the shard changed after it was written)"
+        )
 
 
 def _key_from_reason(reason: str) -> str:

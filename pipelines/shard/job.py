@@ -22,6 +22,7 @@ import logging
 import os
 import posixpath
 import queue
+import re
 import threading
 import time
 from collections import Counter
@@ -388,14 +389,29 @@ def _too_many_bad(
     plan: ShardPlan, bad: list[dict[str, Any]], *, stopped_early: bool
 ) -> TooManyBadSamplesError:
     limit = plan.ctx.options.max_bad_fraction
-    reasons = dict(Counter(_reason_kind(b["reason"]) for b in bad).most_common(5))
     first = bad[0]
     return TooManyBadSamplesError(
         f"{'at least ' if stopped_early else ''}{len(bad)} of {plan.total_samples} samples are bad "
         f"({len(bad) / max(plan.total_samples, 1):.2%} > max {limit:.2%}){'; stopped early' if stopped_early else ''}. "
-        f"Reasons: {reasons}; e.g. {first['key']} ({first['source']}): {first['reason']}. "
+        f"Reasons: {summarise_reasons(bad)}. e.g. {first['key']} ({first['source']}): {first['reason']}. "
         f"Report: {_quarantine_url(plan)}. Manifest not written; fix the inputs or raise --max-bad-fraction."
     )
+
+
+def summarise_reasons(bad: list[dict[str, Any]], top: int = 5, samples: int = 3) -> str:
+    """`"no captions; sample quarantined" x 2 (ucm__1, ucm__7); "image file not found" x 1 (ucm__9)`: the most
+    common reasons (as `reason_kind` groups them), each with its count and the first few sample keys."""
+    keys: dict[str, list[str]] = {}
+    for b in bad:
+        keys.setdefault(reason_kind(b), []).append(str(b.get("key")))
+    ranked = sorted(keys.items(), key=lambda kv: -len(kv[1]))  # stable: first seen first among equals
+    parts = [
+        f'"{kind}" x {len(ks)} ({", ".join(ks[:samples])}{", ..." if len(ks) > samples else ""})'
+        for kind, ks in ranked[:top]
+    ]
+    if len(ranked) > top:
+        parts.append(f"{len(ranked) - top} more reason(s)")
+    return "; ".join(parts)
 
 
 def finalize(
@@ -438,8 +454,31 @@ def _split_rank(split: str) -> tuple[int, str]:
     return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
 
 
-def _reason_kind(reason: str) -> str:
-    return reason.split(":", 1)[0][:60]
+_ERROR_NAME = re.compile(r"[A-Za-z_][\w.]*: ")
+_LOCATOR = re.compile(r"\s*\([^()]*\)")
+
+
+def reason_kind(entry: dict[str, Any]) -> str:
+    """A bad sample's reason without what names the sample (file, record, line, path, counts), so that samples
+    that are bad for the same reason group together: `/x/dataset.json: images[3] (a.jpg): no captions; ...`
+    -> `no captions; sample quarantined`; `ImageDecodeError: a.jpg: truncated or corrupt JPEG data: ...` ->
+    `truncated or corrupt JPEG data`; `ChipReadError: RasterioIOError: ...` -> `ChipReadError`;
+    `image file not found: /x/a.jpg` -> `image file not found`."""
+    reason = str(entry.get("reason") or "")
+    names = [n for n in (entry.get("filename"), entry.get("source")) if n]
+    # a reader's `file: where (name): why`
+    record = next((f" ({n}): " for n in names if f" ({n}): " in reason), None)
+    error = _ERROR_NAME.match(reason)
+    if record is not None:
+        kind = reason.split(record, 1)[1]
+    elif error is not None:  # `Error: <name>: why ...` or `Error: why`
+        rest = reason[error.end() :]
+        named = next((n for n in names if rest.startswith(f"{n}: ")), None)
+        kind = rest[len(named) + 2 :].split(": ", 1)[0] if named else error.group(0)[:-2]
+    else:
+        kind = reason.split(": ", 1)[0]
+    kind = re.sub(r"\d+", "N", _LOCATOR.sub("", kind)).strip(" ;,.")
+    return kind[:80] or "unknown"
 
 
 def build_manifest(plan: ShardPlan, results: list[ShardResult], bad: list[dict[str, Any]]) -> dict[str, Any]:
@@ -480,7 +519,7 @@ def build_manifest(plan: ShardPlan, results: list[ShardResult], bad: list[dict[s
         },
         "bad": {
             "count": len(bad),
-            "by_reason": dict(Counter(_reason_kind(b["reason"]) for b in bad).most_common()),
+            "by_reason": dict(Counter(reason_kind(b) for b in bad).most_common()),
             "report": QUARANTINE,
         },
         "tar": {"mtime": TAR_MTIME, "owner": TAR_OWNER, "mode": oct(TAR_MODE)},

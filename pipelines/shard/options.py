@@ -50,6 +50,22 @@ class ShardOptions:
     format: str | None = option(None, help="dataset format (default: detected)")
     images: str | None = option(None, help="image folder (default: DATASET/images or DATASET)")
     name: str | None = option(None, help="dataset name used in sample keys (default: from the dataset)")
+    # Where images may come from (not output options: they decide which samples are refused, and the plan
+    # digest of every shard already covers exactly which samples it holds).
+    allow_root: tuple[str, ...] = option(
+        (),
+        flag="--allow-root",
+        action="append",
+        metavar="DIR",
+        parse=tuple,
+        help="a local folder outside the dataset that absolute names, '..' names and file:/local: URLs may "
+        "point into, and symbolic links may lead into (repeatable; default: the dataset and image folders only)",
+    )
+    follow_symlinks: bool = option(
+        False,
+        action="store_true",
+        help="read images through symbolic links that lead out of the dataset (default: quarantine them)",
+    )
     # Running.
     workers: int = option(
         default_factory=_default_workers,
@@ -78,6 +94,13 @@ class ShardOptions:
     def __post_init__(self) -> None:
         if self.splits is not None:
             object.__setattr__(self, "splits", tuple(self.splits) or None)
+        if isinstance(self.allow_root, str):
+            object.__setattr__(self, "allow_root", (self.allow_root,))
+        for d in self.allow_root:
+            if "://" in str(d) or not os.path.isdir(os.path.expanduser(str(d))):
+                raise ShardOptionsError(f"--allow-root {d!r} is not a local folder")
+        allowed = tuple(os.path.abspath(os.path.expanduser(str(d))) for d in self.allow_root)
+        object.__setattr__(self, "allow_root", allowed)
         if self.maxcount < 1 or self.maxsize < 1:
             raise ShardOptionsError(
                 f"maxcount and maxsize must be >= 1 (got {self.maxcount}, {self.maxsize})"

@@ -25,6 +25,7 @@ from pipelines.errors import PipelineError
 from pipelines.fsio import get_fs, with_retries
 from pipelines.shard.layout import FORMAT, SHARD_NAME, SPLIT_ORDER, STATS, TAR_BLOCK, TAR_RECORD
 from pipelines.shard.options import ShardOptions
+from ssjdn.data.paths import SymlinkGuard
 from ssjdn.data.record import Sample
 
 
@@ -247,7 +248,7 @@ class SourceStat:
         self._listings: dict[str, tuple[Any, dict[str, Any]]] = {}
 
     def __call__(self, source: str) -> tuple[int, float | str | None] | None:
-        if get_protocol(source) == "file":
+        if source.startswith(os.sep) or get_protocol(source) == "file":  # a local name may hold "::"
             try:
                 st = os.stat(source.removeprefix("file://"))
             except OSError:
@@ -352,7 +353,7 @@ _META_FIELDS = tuple(f.name for f in dataclasses.fields(Sample) if f.name != "im
 PLAN_DIR_PREFIX = "ssjdn-shard-plan-"
 
 
-def _remove_stale_plans() -> None:
+def remove_stale_plans() -> None:
     """Remove the scratch folders of plans whose process is gone (a killed run cannot clean up after itself)."""
     root = tempfile.gettempdir()
     for entry in os.scandir(root):
@@ -378,8 +379,14 @@ def plan_shards(dataset: str | os.PathLike, dest_url: str, options: ShardOptions
     from ssjdn.data.readers import SampleIndex, open_dataset
 
     options = options or ShardOptions()
-    source = open_dataset(dataset, format=options.format, images=options.images, name=options.name)
-    _remove_stale_plans()
+    source = open_dataset(
+        dataset,
+        format=options.format,
+        images=options.images,
+        name=options.name,
+        allow_roots=options.allow_root,
+    )
+    remove_stale_plans()
     plan_file = PlanFile(
         os.path.join(tempfile.mkdtemp(prefix=f"{PLAN_DIR_PREFIX}{os.getpid()}-"), "plan.jsonl")
     )
@@ -416,6 +423,7 @@ def _plan(index, dataset, dest_url, options, storage_options, retries, retry_bac
         )
 
     stat = SourceStat(storage_options)
+    links = SymlinkGuard(index.source.roots, follow=options.follow_symlinks)
     order = natural_order if options.shuffle_seed is None else shuffled_order(options.shuffle_seed)
     writer = _PlanWriter(plan_file, options)
     bad: list[dict[str, Any]] = []
@@ -426,6 +434,10 @@ def _plan(index, dataset, dest_url, options, storage_options, retries, retry_bac
                 bad.append(bad_entry(sample_meta(sample), rejected.message, "reader"))
                 continue
             captions_dropped += rejected.captions_dropped
+        refused = links.check(sample.source)  # before any byte of it is read
+        if refused is not None:
+            bad.append(bad_entry(sample_meta(sample), refused, "plan"))
+            continue
         found = stat(sample.source)
         if found is None:
             bad.append(bad_entry(sample_meta(sample), f"image file not found: {sample.source}", "plan"))

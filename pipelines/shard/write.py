@@ -70,7 +70,7 @@ def _no_progress(samples: int, nbytes: int) -> None:
     pass
 
 
-def _report_progress(samples: int, nbytes: int) -> None:
+def report_progress(samples: int, nbytes: int) -> None:
     sink = getattr(_progress, "sink", None)
     if sink is not None:
         sink(samples, nbytes)
@@ -393,7 +393,7 @@ def write_shard(job: ShardJob, ctx: WriteContext, dataset: str) -> ShardResult:
     def attempt() -> ShardResult:
         done = _committed(job, fs, root)
         if done is not None:
-            _report_progress(job.count, 0)
+            report_progress(job.count, 0)
             return done
         result = _write_once(job, ctx, fs, root, dataset)
         atomic_write_bytes(

@@ -1,5 +1,5 @@
-"""Summarise a dataset: images, captions, classes, splits, duplicate captions, and which images are missing or
-unreadable. Backs `ssjdn data describe`.
+"""Summarise a dataset: images, captions, classes, splits, duplicate captions, and which images are missing,
+unreadable or refused (a symbolic link out of the dataset root). Backs `ssjdn data describe`.
 
 Counts of images and captions are the ones the dataset lists (quarantined records included, reported apart);
 `usable_*` counts are what a reader passes on. Image checks run in a thread pool (Pillow releases the GIL).
@@ -16,6 +16,7 @@ from typing import Any
 
 from ssjdn.data.errors import ImageDecodeError
 from ssjdn.data.images import check_image, probe_image, read_image_bytes
+from ssjdn.data.paths import SymlinkGuard
 from ssjdn.data.readers.base import Dataset
 from ssjdn.data.record import SPLITS, Sample
 
@@ -30,16 +31,23 @@ class ImageCheck:
     checked: int = 0
     missing: list[str] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason): never read
     formats: Counter = field(default_factory=Counter)
     min_size: tuple[int, int] | None = None
     max_size: tuple[int, int] | None = None
 
 
 def check_images(
-    samples: list[Sample], *, mode: str = "decode", workers: int | None = None, progress: bool | None = None
+    samples: list[Sample],
+    *,
+    mode: str = "decode",
+    workers: int | None = None,
+    progress: bool | None = None,
+    links: SymlinkGuard | None = None,
 ) -> ImageCheck:
     """Check that every sample's image exists and (mode `header`) has a valid header or (mode `decode`) decodes
-    completely. Results keep the samples' order."""
+    completely. With `links`, an image it refuses (a symbolic link out of the dataset root) is counted as
+    refused and never read. Results keep the samples' order."""
     if mode not in CHECK_MODES:
         raise ValueError(f"check mode {mode!r} must be one of {CHECK_MODES}")
     result = ImageCheck(mode=mode)
@@ -49,7 +57,7 @@ def check_images(
 
     workers = workers or min(8, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        outcomes = pool.map(lambda s: _check_one(s, mode), samples)
+        outcomes = pool.map(lambda s: _check_one(s, mode, links), samples)
         # progress None: a bar only on a terminal (tqdm's own rule).
         disable = None if progress is None else not progress
         bar = tqdm(zip(samples, outcomes), total=len(samples), desc="checking images", unit="img", disable=disable)
@@ -60,6 +68,8 @@ def check_images(
                 result.missing.append(name)
             elif status == "unreadable":
                 result.unreadable.append((name, detail))
+            elif status == "refused":
+                result.refused.append((name, detail))
             elif detail is not None:
                 result.formats[detail.format] += 1
                 # Smallest and largest width and height, each on its own.
@@ -69,8 +79,11 @@ def check_images(
     return result
 
 
-def _check_one(sample: Sample, mode: str) -> tuple[str, Any]:
+def _check_one(sample: Sample, mode: str, links: SymlinkGuard | None = None) -> tuple[str, Any]:
     name = sample.filename or sample.source
+    refused = links.check(sample.source) if links is not None else None
+    if refused is not None:
+        return "refused", refused
     if mode == "exists" and "://" not in sample.source:
         return ("ok", None) if os.path.isfile(sample.source) else ("missing", None)
     try:
@@ -95,8 +108,10 @@ def describe_dataset(
     max_named: int = 5,
     workers: int | None = None,
     progress: bool | None = False,
+    follow_symlinks: bool = False,
 ) -> dict[str, Any]:
-    """A JSON-serialisable report on `ds` (see docs/data-formats.md for the fields)."""
+    """A JSON-serialisable report on `ds` (see docs/data-formats.md for the fields). Images behind symbolic
+    links that lead out of `ds.roots` are refused (not read) unless `follow_symlinks`."""
     dropped = ds.dropped_samples
     listed = ds.samples + dropped
     dropped_captions = Counter()  # per split
@@ -124,7 +139,8 @@ def describe_dataset(
 
     class_counts = Counter(s.class_name for s in listed if s.class_name is not None)
     log.info("checking %d images under %s (%s)", len(listed), ds.image_root, check)
-    checked = check_images(listed, mode=check, workers=workers, progress=progress)
+    links = SymlinkGuard(ds.roots, follow=follow_symlinks)
+    checked = check_images(listed, mode=check, workers=workers, progress=progress, links=links)
     distinct = len(set(usable_captions))
     return {
         "dataset": ds.name,
@@ -154,7 +170,7 @@ def describe_dataset(
         "image_check": {
             "mode": check,
             "checked": checked.checked,
-            "readable": checked.checked - len(checked.missing) - len(checked.unreadable),
+            "readable": checked.checked - len(checked.missing + checked.unreadable + checked.refused),
             "formats": dict(checked.formats),
             "min_size": list(checked.min_size) if checked.min_size else None,
             "max_size": list(checked.max_size) if checked.max_size else None,
@@ -163,6 +179,10 @@ def describe_dataset(
         "unreadable_images": {
             "count": len(checked.unreadable),
             "first": [{"file": f, "reason": r} for f, r in checked.unreadable[:max_named]],
+        },
+        "refused_images": {
+            "count": len(checked.refused),
+            "first": [{"file": f, "reason": r} for f, r in checked.refused[:max_named]],
         },
         "quarantined": {
             "records": len(ds.quarantine),
@@ -200,8 +220,12 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(
             f"image check ({chk['mode']}): {chk['readable']} of {chk['checked']} readable; formats {fmts}{sizes}"
         )
-    for key, label in (("missing_images", "missing"), ("unreadable_images", "unreadable")):
-        m = r[key]
+    for key, label in (
+        ("missing_images", "missing"),
+        ("unreadable_images", "unreadable"),
+        ("refused_images", "refused"),
+    ):
+        m = r.get(key) or {"count": 0}
         if m["count"]:
             names = [x if isinstance(x, str) else x["reason"] for x in m["first"]]
             more = f" (and {m['count'] - len(names)} more)" if m["count"] > len(names) else ""

@@ -217,12 +217,30 @@ def _open(data: bytes, name: str) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{name}: exceeds Pillow's decompression-bomb limit: {exc}") from None
     except UnidentifiedImageError:
-        head = data[:8].hex(" ")
         raise ImageDecodeError(
-            f"{name}: not a recognised image ({len(data)} bytes, starting {head}); expected JPEG, PNG or TIFF"
+            f"{name}: not a recognised image ({len(data)} bytes, {_kind_of(data)}); expected JPEG, PNG or TIFF"
         ) from None
     except _PILLOW_ERRORS as exc:
         raise ImageDecodeError(f"{name}: truncated or corrupt image header: {exc}") from None
+
+
+_SIGNATURES = ((b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "gzip data"))
+
+
+def _kind_of(data: bytes) -> str:
+    """What a file that is not an image looks like, in words. Never its bytes: a message ends up in logs and
+    quarantine reports, and the file may be anything (a link to a secret, a credentials file)."""
+    for magic, kind in _SIGNATURES:
+        if data.startswith(magic):
+            return kind
+    head = data[:512]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = head[: exc.start].decode("utf-8") if exc.start > len(head) - 4 else None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return "looks like HTML or XML" if text.lstrip().startswith("<") else "looks like text"
+    return "binary data of no known image format"
 
 
 def _pillow_can_decode_tiff(tags: dict) -> bool:

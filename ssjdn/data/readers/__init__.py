@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ssjdn.data.errors import DatasetFormatError, NoDatasetDescriptionError
+from ssjdn.data.paths import allowed_roots
 from ssjdn.data.readers.base import BadRecord, Dataset
 from ssjdn.data.readers.common import LABELS_FILE, default_image_root
 from ssjdn.data.readers.index import DatasetSource, SampleIndex
@@ -30,15 +31,18 @@ def load_dataset(
     format: str | None = None,
     images: str | os.PathLike | None = None,
     name: str | None = None,
+    allow_roots: tuple[str | os.PathLike, ...] = (),
 ) -> Dataset:
     """Read a dataset's captions, splits and labels into memory.
 
     `path` is a dataset folder or its description file (a Karpathy `.json`, a `.csv` / `.jsonl` / `.parquet`
     table). `format` overrides detection (one of `FORMATS`). `images` is the image folder (default:
     `DATASET/images` if it exists, else `DATASET`). `name` overrides the dataset name used in sample keys.
+    `allow_roots`: folders outside the dataset that absolute names, `..` names and `file:`/`local:` URLs may
+    point into (by default only the dataset root and the image root are allowed).
     Datasets too large for memory: `SampleIndex(open_dataset(...), path=FILE)` streams them instead.
     """
-    index = SampleIndex(open_dataset(path, format=format, images=images, name=name))
+    index = SampleIndex(open_dataset(path, format=format, images=images, name=name, allow_roots=allow_roots))
     try:
         return index.dataset()
     finally:
@@ -51,9 +55,11 @@ def open_dataset(
     format: str | None = None,
     images: str | os.PathLike | None = None,
     name: str | None = None,
+    allow_roots: tuple[str | os.PathLike, ...] = (),
 ) -> DatasetSource:
     """Find a dataset's format and description file (arguments as `load_dataset`); reads no record yet."""
     path = Path(os.path.abspath(path))
+    allowed = allowed_roots(*allow_roots)
     if not path.exists():
         raise FileNotFoundError(f"dataset path {path} does not exist")
     fmt, desc = detect_format(path) if format is None else (format, _description_file(path, format))
@@ -62,7 +68,7 @@ def open_dataset(
     labels = root / LABELS_FILE if (root / LABELS_FILE).exists() else None
 
     def source(records, dataset_name, **kw) -> DatasetSource:
-        return DatasetSource(fmt, root, image_root, records, dataset_name, labels, **kw)
+        return DatasetSource(fmt, root, image_root, records, dataset_name, labels, allow_roots=allowed, **kw)
 
     if fmt == "karpathy":
         from ssjdn.data.readers.karpathy import dataset_name, iter_karpathy

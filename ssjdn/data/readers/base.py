@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssjdn.data.paths import allowed_roots
 from ssjdn.data.record import SPLITS, Sample
 
 
@@ -42,6 +43,12 @@ class Dataset:
     classes: list[str]
     samples: list[Sample]
     quarantine: list[BadRecord] = field(default_factory=list)
+    allow_roots: tuple[str, ...] = ()  # more folders its images may come from (`--allow-root`)
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        """Where its images may lie on the local file system: the dataset root, the image root, `allow_roots`."""
+        return allowed_roots(self.root, self.image_root, *self.allow_roots)
 
     def by_split(self, split: str) -> list[Sample]:
         if split not in SPLITS:

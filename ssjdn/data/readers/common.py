@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ssjdn.data.errors import DatasetFormatError
+from ssjdn.data.paths import local_url_path, under
 
 LABELS_FILE = "labels.csv"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -82,6 +83,57 @@ def safe_relative_name(name: Any, *, file: str, where: str) -> str:
     if not parts:
         raise DatasetFormatError(f"{file}: {where}: image file name {name!r} names no file")
     return "/".join(parts)
+
+
+def resolve_image_name(
+    name: Any, *, file: str, where: str, image_root: str, roots: tuple[str, ...]
+) -> tuple[str, str | None]:
+    """(file name, source) of a listed image name: a safe relative name as it is (source None: the image root's);
+    an absolute or `..` name only when it lands inside one of `roots` (the dataset root, the image root, the
+    folders passed with `--allow-root`): then the name relative to the image root when it is inside it, else
+    the absolute path as both (without its leading `/` as the file name, like a URL without its scheme)."""
+    try:
+        return safe_relative_name(name, file=file, where=where), None
+    except DatasetFormatError as exc:
+        stripped = name.strip() if isinstance(name, str) else ""
+        if not stripped or stripped.startswith("~") or _WINDOWS_DRIVE.match(stripped) or "\\" in stripped:
+            raise
+        path = os.path.normpath(os.path.join(image_root, stripped))  # an absolute name replaces the root
+        if not under(path, roots):
+            raise DatasetFormatError(f"{exc}; it resolves to {path}, {_outside(roots)}") from None
+        return local_file_name(path, image_root)
+
+
+def resolve_local_url(
+    url: str, *, file: str, where: str, image_root: str, roots: tuple[str, ...]
+) -> tuple[str, str | None]:
+    """(file name, source) of a table's URL that reads the local file system (`file:`, `local:`, a chain ending in
+    one): refused unless the file it reads lies inside `roots` (see `resolve_image_name`); a plain local URL
+    becomes the path itself, a chain (`tar://m::/x.tar`) stays the URL."""
+    path = local_url_path(url)
+    assert path is not None
+    scheme = url.split("://", 1)[0].split("::", 1)[0]
+    if not under(path, roots):
+        raise DatasetFormatError(
+            f"{file}: {where}: {scheme}:// URL {url!r} reads the local file {path}, {_outside(roots)}"
+        )
+    if "::" in url:
+        return url.split("://", 1)[1], url
+    return local_file_name(path, image_root)
+
+
+def local_file_name(path: str, image_root: str) -> tuple[str, str | None]:
+    """(file name, source) of an allowed local path: relative to the image root when inside it (source None)."""
+    if under(path, (image_root,)):
+        return Path(path).relative_to(image_root).as_posix(), None
+    return path.lstrip(os.sep).replace(os.sep, "/"), path
+
+
+def _outside(roots: tuple[str, ...]) -> str:
+    return (
+        f"outside the dataset (allowed: {', '.join(roots)}); pass --allow-root DIR to read images from another "
+        "folder"
+    )
 
 
 def prefix_class(filename: str) -> str | None:

@@ -24,8 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from ssjdn.data.errors import DatasetFormatError
+from ssjdn.data.paths import allowed_roots, local_url_path
 from ssjdn.data.readers.base import BadRecord, Dataset
-from ssjdn.data.readers.common import RawRecord, iter_labels_file, prefix_class, safe_relative_name
+from ssjdn.data.readers.common import (
+    RawRecord,
+    iter_labels_file,
+    prefix_class,
+    resolve_image_name,
+    resolve_local_url,
+)
 from ssjdn.data.record import SPLITS, Sample, make_key
 
 _SCHEMA = """
@@ -57,6 +64,13 @@ class DatasetSource:
     labels: Path | None = None  # a `filename,class` CSV (labels.csv)
     prefix_labels: bool = False
     merge_repeat: Callable[[RawRecord, RawRecord], None] | None = None  # tables: fold a repeated image's rows
+    allow_roots: tuple[str, ...] = ()  # more folders images may come from (`--allow-root`)
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        """Where a listed image may lie on the local file system: the dataset root, the image root and the
+        allowed roots (absolute, normalised)."""
+        return allowed_roots(self.root, self.image_root, *self.allow_roots)
 
 
 class SampleIndex:
@@ -97,6 +111,7 @@ class SampleIndex:
 
     def _ingest(self) -> None:
         src = self.source
+        roots = src.roots
         guess_prefix = src.prefix_labels and src.labels is None
         insert = "INSERT INTO records (filename, split, source, cls, prefix, doc) VALUES (?, ?, ?, ?, ?, ?)"
         batch: list[tuple[tuple, RawRecord]] = []
@@ -106,7 +121,13 @@ class SampleIndex:
                     f"{r.file}: {r.where} ({r.filename}): split {r.split!r} is not one of {', '.join(SPLITS)}"
                 )
             if r.source is None:
-                r.filename = safe_relative_name(r.filename, file=r.file, where=r.where)
+                r.filename, r.source = resolve_image_name(
+                    r.filename, file=r.file, where=r.where, image_root=self._root, roots=roots
+                )
+            elif local_url_path(r.source) is not None:  # file:, local:, ... (normalised by fsspec)
+                r.filename, r.source = resolve_local_url(
+                    r.source, file=r.file, where=r.where, image_root=self._root, roots=roots
+                )
             prefix = prefix_class(r.filename) if r.class_name is None and guess_prefix else None
             batch.append(((r.filename, r.split, r.source, r.class_name, prefix, _doc(r)), r))
             if len(batch) >= _BATCH:
@@ -254,7 +275,7 @@ class SampleIndex:
         src = self.source
         return Dataset(
             name=self.name, format=src.format, root=src.root, image_root=src.image_root,
-            classes=list(self.classes), samples=samples, quarantine=quarantine,
+            classes=list(self.classes), samples=samples, quarantine=quarantine, allow_roots=src.allow_roots,
         )  # fmt: skip
 
 

@@ -1,0 +1,107 @@
+"""Issue 19 (2): the embedding job never commits a tar that did not read to its end, and never reports a unit
+whose source changed since it was committed as done ("nothing new")."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.embed_helpers import dataset_captions, make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from ssjdn.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("hardening-embed")
+    data = generate_synthetic(root / "data", n_per_class=8, seed=2, size=32, classes=["beach", "forest"])
+    ckpt = make_tiny_checkpoint(root / "tiny.pt", dataset_captions(data))
+    return {"root": root, "images": sorted((data / "images").iterdir()), "ckpt": ckpt}
+
+
+def _tar(path: Path, images: list[Path]) -> bytes:
+    with tarfile.open(path, "w") as tar:
+        for p in images:
+            for ext, data in (("jpg", p.read_bytes()), ("json", json.dumps({"captions": [p.stem]}).encode())):
+                info = tarfile.TarInfo(f"{p.stem}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+def test_a_unit_whose_tar_changed_since_its_commit_fails_instead_of_nothing_new(tiny, tmp_path, capsys):
+    """Old behaviour: a warning, "nothing new", exit 0. Now the unit is a failed unit (exit 1) with the reason."""
+    from pipelines.embed.encoders import read_checkpoint, restore_encoders
+    from pipelines.embed.job import embed_archive
+    from pipelines.embed.sources import discover
+    from pipelines.store.reader import EmbeddingStore
+    from pipelines.store.schema import build_table
+    from pipelines.store.writer import VersionWriter
+    from ssjdn_cli.main import main
+
+    archive = tmp_path / "tars"
+    archive.mkdir()
+    _tar(archive / "a.tar", tiny["images"][:3])
+    (unit,) = discover(str(archive))[1]
+    # The store as a run before the tar was rewritten left it: unit a.tar committed with its old signature.
+    blob = read_checkpoint(str(tiny["ckpt"]))
+    enc = restore_encoders(blob)
+    store = EmbeddingStore(str(tmp_path / "store"))
+    writer = VersionWriter(store, blob.model_id, enc.model_info(blob, "float32"))
+    empty = build_table("images", {}, _zeros(0, writer.dim), dim=writer.dim, model_id=blob.model_id)
+    writer.stage(
+        {**{k: unit[k] for k in ("id", "kind", "url", "split", "fingerprint")}, "bad": []}, {"images": empty}
+    )
+    writer.commit()
+    writer.close()
+
+    report = embed_archive(str(archive), store.url, str(tiny["ckpt"]), progress=False)
+    assert not report.failed_units and report.units_done_before == 1  # unchanged: done, nothing to do
+
+    _tar(archive / "a.tar", tiny["images"][:4])  # rewritten in place: other size and mtime
+    report = embed_archive(str(archive), store.url, str(tiny["ckpt"]), progress=False)
+    assert report.changed_units == ["a.tar"] and report.units_done_before == 0
+    assert [f["unit"] for f in report.failed_units] == ["a.tar"]
+    assert "source changed since it was embedded" in report.failed_units[0]["reason"]
+    assert main(["embed", str(archive), store.url, "--checkpoint", str(tiny["ckpt"]), "--no-progress"]) == 1
+    assert "1 unit(s) failed" in capsys.readouterr().out
+
+
+def _zeros(n: int, dim: int):
+    import numpy as np
+
+    return np.zeros((n, dim), np.float32)
+
+
+@pytest.mark.integration
+def test_a_tar_cut_in_the_middle_is_not_committed_and_is_embedded_once_restored(tiny, tmp_path, ray_local):
+    """The probe's case: a folder of tars, one cut in the middle. Old behaviour: exit 0, "0 unit(s) failed",
+    half its images committed (bad entries keyed `?`), and after restoring the file "nothing new" for ever."""
+    from pipelines.embed.job import embed_archive
+    from pipelines.store.reader import EmbeddingStore
+
+    archive = tmp_path / "tars"
+    archive.mkdir()
+    whole = _tar(archive / "a.tar", tiny["images"][:10])
+    _tar(archive / "b.tar", tiny["images"][10:13])
+    (archive / "a.tar").write_bytes(whole[: len(whole) // 2])
+    store_url = str(tmp_path / "store")
+
+    report = embed_archive(str(archive), store_url, str(tiny["ckpt"]), progress=False)
+    assert [f["unit"] for f in report.failed_units] == ["a.tar"], report.summary()
+    assert "does not read to its end" in report.failed_units[0]["reason"]
+    assert report.units_embedded == 1 and report.images == 3 and not report.bad
+    store = EmbeddingStore(store_url)
+    assert [u["id"] for u in store.manifest().units] == ["b.tar"]
+
+    (archive / "a.tar").write_bytes(whole)  # restored
+    report = embed_archive(str(archive), store_url, str(tiny["ckpt"]), progress=False)
+    assert not report.failed_units and report.units_embedded == 1 and report.images == 10
+    keys = EmbeddingStore(store_url).snapshot().read_table(columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == sorted(p.stem for p in tiny["images"][:13])
+    assert os.path.getsize(archive / "a.tar") == len(whole)
