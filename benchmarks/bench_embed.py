@@ -101,7 +101,7 @@ def plain_loop(archive: Path, ckpt: str, batch_size: int, out: Path) -> int:
 
     from pipelines.embed.encoders import read_checkpoint, restore_encoders
     from pipelines.shard.read import open_shards
-    from pipelines.store.store import build_table
+    from pipelines.store.schema import build_table
     from ssjdn.data.images import decode_image
 
     blob = read_checkpoint(ckpt)

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 UCM = REPO.parent / "shared" / "data" / "ucm-captions"
@@ -43,7 +42,8 @@ def main() -> None:
     from pipelines.embed.job import embed_archive
     from pipelines.search.query import exact_topk
     from pipelines.shard.job import shard_dataset
-    from pipelines.store.store import EmbeddingStore, embeddings_to_numpy
+    from pipelines.store.reader import EmbeddingStore
+    from pipelines.store.schema import embeddings_to_numpy
     from ssjdn.data.images import decode_image
     from ssjdn.data.readers import load_dataset
     from ssjdn_cli.main import main as ssjdn
@@ -59,10 +59,9 @@ def main() -> None:
         )
         print(report.summary())
 
-        store = EmbeddingStore(store_url)
-        manifest = store.manifest(report.model_id)
-        images = store.read_table(manifest, "images").sort_by("key")
-        caps = store.read_table(manifest, "captions").sort_by("key")
+        snapshot = EmbeddingStore(store_url).snapshot(report.model_id)
+        images = snapshot.read_table("images").sort_by("key")
+        caps = snapshot.read_table("captions").sort_by("key")
         samples = {s.key: s for s in load_dataset(args.data).by_split(args.split)}
 
         enc = restore_encoders(read_checkpoint(args.checkpoint))
@@ -91,16 +90,12 @@ def main() -> None:
 
         # every test caption as a query against the stored test images
         queries = embeddings_to_numpy(caps.column("embedding"))
-        files, ranked = exact_topk(store, manifest, queries, k=args.k)
-        key_at = {}
-        for fi, path in enumerate(files):
-            with store.fs.open(path, "rb") as fh:
-                for r, k in enumerate(pq.read_table(fh, columns=["key"]).column("key").to_pylist()):
-                    key_at[(fi, r)] = k
+        ranked, _ = exact_topk(snapshot, queries, k=args.k)
+        key_at = [k for _, b in snapshot.iter_batches("images", ["key"]) for k in b.column("key").to_pylist()]
         cls = dict(zip(images.column("key").to_pylist(), images.column("class").to_pylist()))
         own = caps.column("image_key").to_pylist()
-        hit = [own[i] in {key_at[(f, r)] for _, f, r in ranked[i]} for i in range(len(own))]
-        cls_hit = [cls[own[i]] in {cls[key_at[(f, r)]] for _, f, r in ranked[i]} for i in range(len(own))]
+        hit = [own[i] in {key_at[r] for r in ranked[i]} for i in range(len(own))]
+        cls_hit = [cls[own[i]] in {cls[key_at[r]] for r in ranked[i]} for i in range(len(own))]
         chance = args.k / len(keys)
         retrieval = (
             f"caption -> image, own image in top {args.k}: {100 * np.mean(hit):.1f}% of {len(own)} captions "

@@ -22,7 +22,7 @@ from flows.train import train_ssjdn
 from pipelines.fsio import get_fs, is_local
 from pipelines.report import demo_steps as demo
 from pipelines.report import report
-from pipelines.search.query import query_store
+from pipelines.search.query import QueryOptions, query_store
 
 STAGES = 6
 
@@ -46,9 +46,10 @@ def queries_task(shards: str, store: str, out_dir: str) -> list[dict[str, Any]]:
     from pipelines.report.html import thumbnail_uri
 
     picked = demo.pick_queries(shards)
+    options = QueryOptions(k=5)
     out = []
     for q in picked["texts"]:
-        result = query_store(store, text=q["text"], k=5)
+        result = query_store(store, options, text=q["text"])
         out.append(
             {"heading": f"text: “{q['text']}” (caption of {q['key']}, class {q['class']})", "result": result}
         )
@@ -56,7 +57,7 @@ def queries_task(shards: str, store: str, out_dir: str) -> list[dict[str, Any]]:
         img = picked["image"]
         path = Path(out_dir) / f"query-image.{img['ext']}"
         path.write_bytes(img["image"])
-        result = query_store(store, image=str(path), k=5)
+        result = query_store(store, options, image=str(path))
         out.append(
             {
                 "heading": f"image: {img['key']} (class {img['class']}); the query image itself should rank first",

@@ -42,10 +42,9 @@ def embed_task(
 def ann_meta(store_url: str, model_id: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
     """The ANN index the embedding run (re)built, for the report; None when there is none."""
     from pipelines.search.ann import load_ann
-    from pipelines.store.store import EmbeddingStore
+    from pipelines.store.reader import EmbeddingStore
 
-    store = EmbeddingStore(store_url, storage_options)
-    index = load_ann(store, store.manifest(model_id))
+    index = load_ann(EmbeddingStore(store_url, storage_options).snapshot(model_id))
     return index.meta if index is not None else None
 
 

@@ -6,7 +6,9 @@ import hashlib
 
 import numpy as np
 
-from pipelines.store.store import EmbeddingStore, VersionWriter, build_table
+from pipelines.store.reader import EmbeddingStore
+from pipelines.store.schema import build_table
+from pipelines.store.writer import VersionWriter
 
 CLASSES = ("airport", "beach", "forest", None)
 
@@ -74,3 +76,45 @@ def is_embedding_type(t, dim: int, value_type) -> bool:
     import pyarrow as pa
 
     return pa.types.is_fixed_size_list(t) and t.list_size == dim and t.value_type == value_type
+
+
+def write_units_concurrently(
+    url: str, prefix: str, units: int, ready_dir: str, writers: int, *, rows: int = 20, dim: int = 16
+) -> list[str]:
+    """One writer of a concurrency test: open the version, wait until all `writers` have opened it, then stage
+    and commit `units` units named `{prefix}/shard-{i}.tar` one commit each. Returns the unit ids."""
+    import os
+    import time
+    from pathlib import Path
+
+    store = EmbeddingStore(url)
+    model_id = fake_model_id("concurrent")
+    writer = VersionWriter(store, model_id, {"dim": dim, "dtype": "float32", "config": "synthetic"})
+    Path(ready_dir, f"{prefix}-{os.getpid()}").touch()
+    deadline = time.monotonic() + 120
+    while len(list(Path(ready_dir).iterdir())) < writers:  # every writer has read the manifest by now
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other writers never started ({ready_dir})")
+        time.sleep(0.01)
+    ids = []
+    for u in range(units):
+        seed = 1000 * sum(map(ord, prefix)) + u
+        cols = image_columns(u, rows)
+        cols["key"] = [f"{prefix}__{k}" for k in cols["key"]]
+        table = build_table("images", cols, unit_vectors(rows, dim, seed), dim=dim, model_id=model_id)
+        unit_id = f"{prefix}/shard-{u:06d}.tar"
+        writer.stage({"id": unit_id, "split": prefix, "bad": []}, {"images": table})
+        writer.commit()
+        ids.append(unit_id)
+    writer.close()
+    return ids
+
+
+if (
+    __name__ == "__main__"
+):  # python -m tests.store_data URL PREFIX UNITS READY_DIR WRITERS (a test's writer process)
+    import json
+    import sys
+
+    url, prefix, units, ready, writers = sys.argv[1:6]
+    print(json.dumps(write_units_concurrently(url, prefix, int(units), ready, int(writers))))

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from pipelines.search.query import exact_search
-from pipelines.store.store import EmbeddingStore, VersionWriter, build_table
+from pipelines.store.reader import EmbeddingStore
+from pipelines.store.schema import build_table
+from pipelines.store.writer import VersionWriter
 from tests.conftest import REPO
 from tests.store_data import fake_model_id, unit_vectors
 
@@ -80,20 +82,20 @@ def run_doc_sql(con: duckdb.DuckDBPyConnection, version: str) -> list[list[tuple
 
 
 def check_results(results: list[list[tuple]], store: EmbeddingStore, mid: str) -> None:
-    manifest = store.manifest(mid)
-    images = store.read_table(manifest).to_pylist()
+    snapshot = store.snapshot(mid)
+    images = snapshot.read_table().to_pylist()
     per_class, nn_list, nn_array, text_to_image, own_caption, groups = results  # the doc's SELECTs, in order
     counts = Counter(r["class"] for r in images)
     tests = Counter(r["class"] for r in images if r["split"] == "test")
     assert per_class == sorted(((c, n, tests[c]) for c, n in counts.items()), key=lambda t: (-t[1], t[0]))
     q = next(np.asarray(r["embedding"], np.float32) for r in images if r["key"] == "ucm__1")
-    expected = [h.key for h in exact_search(store, manifest, q, k=10)[0]]
+    expected = [h.key for h in exact_search(snapshot, q, k=10)[0]]
     assert [r[0] for r in nn_list] == expected and nn_list[0][2] == pytest.approx(1.0, abs=1e-6)
-    expected_test = [h.key for h in exact_search(store, manifest, q, k=10, where="split = 'test'")[0]]
+    expected_test = [h.key for h in exact_search(snapshot, q, k=10, where="split = 'test'")[0]]
     assert [r[0] for r in nn_array] == expected_test
-    cap = store.read_table(manifest, "captions").to_pylist()
+    cap = snapshot.read_table("captions").to_pylist()
     c0 = next(np.asarray(r["embedding"], np.float32) for r in cap if r["key"] == "ucm__1__cap0")
-    assert [r[0] for r in text_to_image] == [h.key for h in exact_search(store, manifest, c0, k=10)[0]]
+    assert [r[0] for r in text_to_image] == [h.key for h in exact_search(snapshot, c0, k=10)[0]]
     assert sum(r[1] for r in own_caption) == 2 * len(images) and len(own_caption) == len(CLASSES)
     want_groups = Counter(GROUPS[r["class"]] for r in images if r["class"] in GROUPS)
     assert [(g, n) for g, n, _ in groups] == sorted(want_groups.items())

@@ -14,7 +14,8 @@ import pytest
 
 from pipelines.embed.encoders import CheckpointError
 from pipelines.embed.job import embed_archive
-from pipelines.store.store import EmbeddingStore, embeddings_to_numpy
+from pipelines.store.reader import EmbeddingStore
+from pipelines.store.schema import embeddings_to_numpy
 from tests.embed_helpers import dataset_captions, direct_embeddings, make_tiny_checkpoint
 from tests.store_data import is_embedding_type
 
@@ -77,8 +78,8 @@ def test_embeddings_equal_model_output_and_rerun_writes_nothing(tiny, s3_archive
     store = EmbeddingStore(clean_store["url"])
     manifest = store.manifest()
     assert manifest.model_id == hashlib.sha256(tiny["ckpt"].read_bytes()).hexdigest()
-    images = store.read_table(manifest, "images")
-    caps = store.read_table(manifest, "captions")
+    images = store.snapshot_of(manifest).read_table("images")
+    caps = store.snapshot_of(manifest).read_table("captions")
     assert is_embedding_type(images.schema.field("embedding").type, 32, pa.float32())
     assert images.num_rows == 20 and caps.num_rows == 100
 
@@ -203,7 +204,7 @@ def test_killed_run_leaves_nothing_partial_and_rerun_equals_clean_run(
     # readers: only whole, committed units; every listed file complete
     store = EmbeddingStore(store_url)
     manifest = store.manifest()
-    committed = store.read_table(manifest)
+    committed = store.snapshot_of(manifest).read_table()
     assert committed.num_rows == manifest.rows("images") == sum(u["images"] for u in manifest.units)
     listed = {f["path"] for f in manifest.files}
     on_disk = {
@@ -221,8 +222,8 @@ def test_killed_run_leaves_nothing_partial_and_rerun_equals_clean_run(
     assert sorted(f["path"] for f in fm.files) == sorted(f["path"] for f in cm.files)
     assert [u["id"] for u in fm.units] == [u["id"] for u in cm.units]
     for table in ("images", "captions"):
-        a = final.read_table(fm, table).sort_by("key")
-        b = clean.read_table(cm, table).sort_by("key")
+        a = final.snapshot_of(fm).read_table(table).sort_by("key")
+        b = clean.snapshot_of(cm).read_table(table).sort_by("key")
         meta = [c for c in a.column_names if c not in ("embedding", "created_at")]
         assert a.select(meta).equals(b.select(meta))
         np.testing.assert_allclose(
@@ -268,7 +269,7 @@ def test_bad_samples_are_skipped_and_reported(tiny, tmp_path, ray_local):
     assert "garbage.jpg" in bad["garbage"] and "nojson" in bad["nojson"] and "json" in bad["nojson"]
     store = EmbeddingStore(store_url)
     manifest = store.manifest()
-    table = store.read_table(manifest)
+    table = store.snapshot_of(manifest).read_table()
     kept = sorted([good[0], good[1], good[3]])
     assert sorted(table.column("key").to_pylist()) == kept
     assert is_embedding_type(table.schema.field("embedding").type, 32, pa.float16())
@@ -301,20 +302,19 @@ def test_checkpoint_whose_config_does_not_match_is_refused(tiny, tmp_path, capsy
         embed_archive(str(tiny["data"]), str(tmp_path / "store"), str(tmp_path / "missing.pt"))
 
 
-def test_query_errors_are_clear(tiny, tmp_path, caplog):
+def test_query_errors_are_clear(tiny, tmp_path, capsys):
     from ssjdn_cli.main import main
 
     assert main(["query", "planes", "--store", str(tmp_path / "empty")]) == 1
-    assert "is empty: no committed version" in caplog.text
+    assert "is empty: no committed version" in capsys.readouterr().err
     from tests.store_data import write_synthetic_version
 
     write_synthetic_version(str(tmp_path / "s"), units=1, rows=3)
-    caplog.clear()
     assert main(["query", "planes", "--store", str(tmp_path / "s"), "--model-id", "beef"]) == 1
-    assert "model_id 'beef' is not in store" in caplog.text
-    caplog.clear()
+    assert "model_id 'beef' is not in store" in capsys.readouterr().err
     assert (
         main(["query", "planes", "--store", str(tmp_path / "s"), "--where", "class = 'a'; DROP TABLE x"]) == 1
     )
-    assert "unexpected character ';'" in caplog.text
-    assert main(["query", "--store", str(tmp_path / "s")]) == 2  # neither text nor --image
+    assert "unexpected character ';'" in capsys.readouterr().err
+    assert main(["query", "--store", str(tmp_path / "s")]) == 1  # neither text nor --image
+    assert "--image" in capsys.readouterr().err

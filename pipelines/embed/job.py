@@ -2,7 +2,7 @@
 
     units (shards / image chunks) -> read + decode + preprocess (parallel tasks)
           -> encode (map_batches, callable class on an ActorPoolStrategy: model loaded once per actor, GPU if asked)
-          -> driver: rows grouped per unit; a complete unit is staged, then committed (pipelines.store)
+          -> driver: rows grouped per unit; a complete unit is staged, then committed (pipelines.store.writer)
 
 Every unit ends with a marker row that carries its sample count, so the driver knows when a unit is
 complete without the job keeping any order. Units are committed in groups (every `commit_every_s`
@@ -26,14 +26,16 @@ import numpy as np
 
 from pipelines.embed.encoders import CheckpointBlob, read_checkpoint, restore_encoders
 from pipelines.embed.options import EmbedOptions
-from pipelines.embed.sources import discover, plan_units, read_unit
-from pipelines.store.store import EmbeddingStore, VersionWriter, build_table
+from pipelines.embed.sources import change_reason, discover, plan_units, read_unit
+from pipelines.ray_env import worker_env
+from pipelines.store.reader import EmbeddingStore
+from pipelines.store.schema import CAPTION_COLUMNS, META_COLUMNS, build_table
+from pipelines.store.writer import VersionWriter
 
 log = logging.getLogger(__name__)
 
 OBJECT_STORE_BUDGET = 256 << 20  # bytes of queued blocks per encoder actor (see _run)
 READ_BATCH = 32  # samples per block leaving a read task (bounds block size: 32 x 3 x 256 x 256 x 4 B = 25 MB)
-_ENV_PREFIXES = ("AWS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "SSJDN_", "OMP_")
 OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -117,9 +119,7 @@ def _read_one(unit: dict[str, Any], transform, shape, storage_options) -> Iterat
     error = None
     try:
         for s in read_unit(unit, storage_options):
-            row = {
-                k: s.get(k) for k in ("key", "source", "split", "class", "lat", "lon", "captions", "error")
-            }
+            row = {k: s.get(k) for k in (*META_COLUMNS, "captions", "error")}
             row.update(kind="sample", unit=unit["id"])
             if not want_captions:  # the encoder embeds every caption it is given
                 row["captions"] = []
@@ -143,21 +143,7 @@ def _read_one(unit: dict[str, Any], transform, shape, storage_options) -> Iterat
     yield _rows_to_batch([eof], shape)
 
 
-OUT_COLUMNS = (
-    "table",
-    "unit",
-    "key",
-    "image_key",
-    "caption_index",
-    "caption",
-    "source",
-    "split",
-    "class",
-    "lat",
-    "lon",
-    "error",
-    "count",
-)
+OUT_COLUMNS = ("table", "unit", *META_COLUMNS, *CAPTION_COLUMNS, "error", "count")
 
 
 class EncodeBatch:
@@ -221,7 +207,8 @@ class EncodeBatch:
         out["image_key"].append(key)
         out["caption_index"].append(caption[0] if caption else -1)
         out["caption"].append(caption[1] if caption else "")
-        for k in ("source", "split", "class", "lat", "lon", "error", "count"):
+        # the store's columns after `key`, and the bookkeeping
+        for k in (*META_COLUMNS[1:], "error", "count"):
             out[k].append(batch[k][i])
 
 
@@ -248,9 +235,7 @@ class _UnitRows:
         if table not in self.cols:
             return
         cols = self.cols[table]
-        names = ["key", "source", "split", "class", "lat", "lon"]
-        if table == "captions":
-            names += ["image_key", "caption_index", "caption"]
+        names = META_COLUMNS + (CAPTION_COLUMNS if table == "captions" else ())
         for name in names:
             v = row[name]
             if name in ("lat", "lon"):
@@ -267,10 +252,6 @@ class _UnitRows:
         return self.expected is not None and self.samples >= self.expected
 
 
-def _remote_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
-
-
 def _ensure_ray(address: str | None, num_cpus: int | None) -> bool:
     """Connect to `address` (or RAY_ADDRESS) or start a local Ray; True when this call started it."""
     import ray
@@ -284,7 +265,8 @@ def _ensure_ray(address: str | None, num_cpus: int | None) -> bool:
     else:
         # More logical CPUs than cores: read tasks and encoder actors must not starve each other (PITFALLS).
         kwargs["num_cpus"] = num_cpus or max(4, 2 * (os.cpu_count() or 1))
-    ray.init(runtime_env={"env_vars": _remote_env()}, **kwargs)
+    # A Ray started here inherits this process's environment (credentials included): nothing to pass.
+    ray.init(**kwargs)
     return True
 
 
@@ -318,17 +300,25 @@ def embed_archive(
         store_url=store.url,
         version_url=store.version_url(blob.model_id),
         archive_kind=kind,
-        units_total=len(todo) + complete,
+        units_total=len(todo) + complete + len(changed),
         units_done_before=complete,
         changed_units=changed,
     )
-    for uid in changed:
-        log.warning("unit %s changed since it was embedded; it is not re-embedded (use a fresh store)", uid)
+    # A changed unit's committed rows no longer match its source. The store cannot replace a committed unit
+    # yet (VersionWriter is append-only), so it fails loudly instead of being skipped as done.
+    prior_units, changed_ids = writer.done(), set(changed)
+    for unit in (u for u in shard_units if u["id"] in changed_ids):
+        reason = change_reason(unit, prior_units[unit["id"]])
+        report.failed_units.append(
+            {"unit": unit["id"], "reason": f"not re-embedded: {reason}; embed it into a fresh store"}
+        )
     if not todo:
         report.seconds = time.monotonic() - t0
         log.info(
             "nothing new in %s for model %s: store %s unchanged", archive_url, blob.model_id[:12], store.url
         )
+        for f in report.failed_units:
+            log.error("unit not embedded: %s: %s", f["unit"], f["reason"])
         return report
     log.info(
         "embedding %d unit(s) of %s (%s; %d already in the store) with model %s -> %s",
@@ -373,7 +363,7 @@ def embed_archive(
     if options.build_ann and report.images:
         from pipelines.search.ann import build_ann
 
-        build_ann(store, store.manifest(blob.model_id))
+        build_ann(store.snapshot(blob.model_id))
     log.info("%s", report.summary())
     return report
 
@@ -410,11 +400,12 @@ def _run(
     )
     cfg = enc.cfg
     units = {u["id"]: u for u in todo}
-    # Workers of a cluster we did not start may lack the storage/offline variables: pass them per stage.
-    remote = {} if started_here else {"runtime_env": {"env_vars": _remote_env()}}
+    # Workers of a cluster we did not start may lack the endpoint/offline settings: pass those (never
+    # credentials: Ray logs runtime_env values; the nodes take credentials from their own environment).
+    remote = {} if started_here else {"runtime_env": {"env_vars": worker_env()}}
     # Idle OpenMP threads must sleep, not spin: spinning threads of several processes on few cores starve
     # each other (it has to be in the environment before torch starts, hence the actor's runtime env).
-    encoder_env = {**(_remote_env() if not started_here else {}), "OMP_WAIT_POLICY": OMP_WAIT_POLICY}
+    encoder_env = {**(worker_env() if not started_here else {}), "OMP_WAIT_POLICY": OMP_WAIT_POLICY}
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         read_units,
@@ -479,7 +470,7 @@ def _finish_unit(
     unit, buf: _UnitRows, writer: VersionWriter, report: EmbedReport, dtype: str, created_at
 ) -> None:
     expected = unit.get("expected")
-    if buf.error or (expected is not None and buf.samples < expected):
+    if buf.error or (expected is not None and buf.samples != expected):
         reason = buf.error or f"read {buf.samples} of the {expected} samples the archive lists"
         report.failed_units.append({"unit": unit["id"], "reason": reason})
         return

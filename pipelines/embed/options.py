@@ -11,7 +11,7 @@ from pipelines.embed.sources import DEFAULT_CHUNK
 from pipelines.errors import PipelineError
 from pipelines.fsio import parse_storage_options
 from pipelines.options import option
-from pipelines.store.store import DTYPES
+from pipelines.store.schema import DTYPES
 
 
 class EmbedOptionsError(PipelineError, ValueError):

@@ -1,16 +1,16 @@
-"""Exact-search cache: one version's embeddings as a contiguous float32 matrix on local disk, memory-mapped.
+"""Exact-search matrix cache: one snapshot's embeddings as a contiguous float32 matrix on local disk, memory-mapped.
 
-Exact search over Parquet decodes every embedding on every query (seconds at 1M x 512). This cache pays that
-once per manifest generation: the first exact query on a large table writes the matrix (`.npy`, rows in
-manifest file order, so row r is global row r of the committed files); later queries memory-map it and do a
-blocked matrix product, bounded by page cache rather than process memory.
+Scanning Parquet decodes every embedding on every query (seconds at 1M x 512). This cache pays that once per
+generation: the first exact query on a large table writes the matrix (`.npy`, row r = global row r of the
+snapshot), streamed from the snapshot (which verifies every file's checksum on the way); later queries
+memory-map it and score it in blocks, bounded by page cache rather than process memory.
 
 Where it lives (always a local folder - it is derived data, rebuilt from the store whenever missing):
     local store:   STORE/{model_id}/_flat/{table}/g{generation}/embeddings.npy + meta.json
     remote store:  $SSJDN_CACHE_DIR (default ~/.cache/ssjdn)/flat/{sha256(store url)[:16]}/{model_id}/...
-`meta.json` is written last (the commit point) and names the generation, row count and files it was built
-from; a cache that does not match the current manifest is ignored, and older generations are removed when
-a new one is built.
+`meta.json` is written last (the commit point) and holds the snapshot's fingerprint (generation, rows, files
+and their checksums); a cache that does not match the current snapshot is ignored, and older generations are
+removed when a new one is built.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.fsio import is_local
-from pipelines.store.store import EmbeddingStore, Manifest, StoreError, embeddings_to_numpy
+from pipelines.search.topk import BlockTopK
+from pipelines.store.reader import Snapshot
+from pipelines.store.schema import MATRIX_CACHE_DIR, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +36,17 @@ MIN_ROWS = 100_000
 BLOCK_ROWS = 131_072  # rows per matrix-product block: scores stay small, BLAS stays efficient
 
 
-def cache_root(store: EmbeddingStore, manifest: Manifest, table: str) -> Path:
+def cache_root(snapshot: Snapshot, table: str) -> Path:
     """The folder that holds this version's caches of `table` (one sub-folder per generation)."""
-    if is_local(store.fs):
-        return Path(store.version_path(manifest.model_id)) / "_flat" / table
+    if snapshot.is_local:
+        return Path(snapshot.version_path) / MATRIX_CACHE_DIR / table
     base = Path(os.environ.get("SSJDN_CACHE_DIR") or Path.home() / ".cache" / "ssjdn")
-    store_id = hashlib.sha256(store.url.rstrip("/").encode()).hexdigest()[:16]
-    return base / "flat" / store_id / manifest.model_id / table
-
-
-def _expected_meta(manifest: Manifest, table: str) -> dict:
-    return {
-        "model_id": manifest.model_id,
-        "generation": manifest.generation,
-        "table": table,
-        "rows": manifest.rows(table),
-        "dim": manifest.dim,
-        "files": [f["path"] for f in manifest.files if f["table"] == table],
-    }
+    store_id = hashlib.sha256(snapshot.store_url.rstrip("/").encode()).hexdigest()[:16]
+    return base / "flat" / store_id / snapshot.model_id / table
 
 
 @dataclass
-class FlatCache:
+class MatrixCache:
     """A committed cache: the memory-mapped matrix ([rows, dim] float32, read-only) and where it lives."""
 
     matrix: np.ndarray
@@ -65,12 +55,11 @@ class FlatCache:
     def topk(
         self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(global rows [Q, k'], scores [Q, k']) best first, k' = min(k, candidates); `rows` restricts the
-        search to those global rows (sorted), as a filter does."""
+        """(global rows [Q, k'], scores [Q, k']) best first for normalised `queries`; `rows` (sorted global
+        rows, as a filter gives) restricts the search to those rows."""
         qt = np.ascontiguousarray(queries.T)
+        top = BlockTopK(len(queries), k)
         n = len(self.matrix) if rows is None else len(rows)
-        best_s = np.full((len(queries), 0), -np.inf, np.float32)
-        best_r = np.empty((len(queries), 0), np.int64)
         for start in range(0, n, BLOCK_ROWS):
             if rows is None:
                 ids = np.arange(start, min(start + BLOCK_ROWS, n))
@@ -78,50 +67,36 @@ class FlatCache:
             else:
                 ids = rows[start : start + BLOCK_ROWS]
                 block = self.matrix[ids]
-            scores = (block @ qt).T  # [Q, block]
-            kk = min(k, scores.shape[1])
-            part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-            best_s = np.concatenate([best_s, np.take_along_axis(scores, part, axis=1)], axis=1)
-            best_r = np.concatenate([best_r, ids[part]], axis=1)
-            if best_s.shape[1] > k:
-                keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
-                best_s, best_r = (
-                    np.take_along_axis(best_s, keep, axis=1),
-                    np.take_along_axis(best_r, keep, axis=1),
-                )
-        # Score descending, then row ascending: the same tie order as the Parquet scan.
-        order = np.lexsort((best_r, -best_s), axis=1) if best_s.size else np.empty_like(best_r)
-        return np.take_along_axis(best_r, order, axis=1), np.take_along_axis(best_s, order, axis=1)
+            top.add((block @ qt).T, ids)
+        return top.result()
 
 
-def load_cache(store: EmbeddingStore, manifest: Manifest, table: str) -> FlatCache | None:
-    """The committed cache of exactly this manifest generation, or None."""
-    folder = cache_root(store, manifest, table) / f"g{manifest.generation:06d}"
+def load_cache(snapshot: Snapshot, table: str) -> MatrixCache | None:
+    """The committed cache of exactly this snapshot's table, or None."""
+    folder = cache_root(snapshot, table) / f"g{snapshot.generation:06d}"
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):  # missing, unreadable, or its folder cannot exist: no cache
         return None
-    if meta != _expected_meta(manifest, table):
+    if meta != snapshot.fingerprint(table):
         return None
     matrix = np.load(folder / "embeddings.npy", mmap_mode="r")
     if matrix.shape != (meta["rows"], meta["dim"]) or matrix.dtype != np.float32:
         log.warning("exact-search cache at %s does not match its meta.json; ignoring it", folder)
         return None
-    return FlatCache(matrix, folder)
+    return MatrixCache(matrix, folder)
 
 
-def build_cache(store: EmbeddingStore, manifest: Manifest, table: str) -> FlatCache:
-    """Write this generation's matrix (temp name, rename, then meta.json) and drop older generations."""
-    from pipelines.search.query import DEFAULT_BATCH_ROWS, _iter_file_batches
-
-    meta = _expected_meta(manifest, table)
-    root = cache_root(store, manifest, table)
-    folder = root / f"g{manifest.generation:06d}"
+def build_cache(snapshot: Snapshot, table: str) -> MatrixCache:
+    """Write this snapshot's matrix (temp name, rename, then meta.json) and drop older generations."""
+    meta = snapshot.fingerprint(table)
+    root = cache_root(snapshot, table)
+    folder = root / f"g{snapshot.generation:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".embeddings.{os.getpid()}.npy"
     log.info(
         "building the exact-search cache of %s/%s (%d x %d float32, %.2f GB; once per store generation) at %s",
-        manifest.model_id[:12],
+        snapshot.model_id[:12],
         table,
         meta["rows"],
         meta["dim"],
@@ -130,20 +105,12 @@ def build_cache(store: EmbeddingStore, manifest: Manifest, table: str) -> FlatCa
     )
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(meta["rows"], meta["dim"]))
-        at = 0
-        for path in store.committed_files(manifest, table):
-            for batch in _iter_file_batches(store, path, ["embedding"], DEFAULT_BATCH_ROWS):
-                m = embeddings_to_numpy(batch.column("embedding"))
-                if at + len(m) > meta["rows"]:
-                    raise StoreError(
-                        f"{path} holds more rows than the manifest of {manifest.model_id[:12]} lists"
-                    )
-                out[at : at + len(m)] = m
-                at += len(m)
-        if at != meta["rows"]:
-            raise StoreError(
-                f"manifest of {manifest.model_id[:12]} lists {meta['rows']} {table} rows, files hold {at}"
-            )
+        for start, m in snapshot.iter_embeddings(table):
+            if start + len(m) > meta["rows"]:
+                raise StoreError(
+                    f"version {snapshot.model_id[:12]}: {table} files hold more rows than the manifest lists"
+                )
+            out[start : start + len(m)] = m
         out.flush()
         del out
         os.replace(tmp, folder / "embeddings.npy")
@@ -156,23 +123,22 @@ def build_cache(store: EmbeddingStore, manifest: Manifest, table: str) -> FlatCa
     for old in root.iterdir():
         if old.is_dir() and old.name.startswith("g") and old != folder:
             shutil.rmtree(old, ignore_errors=True)  # a stale generation: nothing will read it again
-    return FlatCache(np.load(folder / "embeddings.npy", mmap_mode="r"), folder)
+    return MatrixCache(np.load(folder / "embeddings.npy", mmap_mode="r"), folder)
 
 
-def get_cache(
-    store: EmbeddingStore, manifest: Manifest, table: str, *, build: bool | None = None
-) -> FlatCache | None:
+def get_cache(snapshot: Snapshot, table: str, *, build: bool | None = None) -> MatrixCache | None:
     """The cache to search with: the committed one, else built now when `build` (None: when the table has at
     least MIN_ROWS rows), else None (the caller scans Parquet)."""
-    cache = load_cache(store, manifest, table)
+    cache = load_cache(snapshot, table)
     if cache is not None:
         return cache
+    rows = snapshot.rows(table)
     if build is None:
-        build = manifest.rows(table) >= MIN_ROWS
+        build = rows >= MIN_ROWS
     if not build:
         return None
-    root = cache_root(store, manifest, table)
-    need = manifest.rows(table) * manifest.dim * 4
+    root = cache_root(snapshot, table)
+    need = rows * snapshot.dim * 4
     try:
         root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(root).free
@@ -185,7 +151,7 @@ def get_cache(
                 free / 1e9,
             )
             return None
-        return build_cache(store, manifest, table)
+        return build_cache(snapshot, table)
     except OSError as exc:  # a read-only store mount, a full disk: the scan gives the same answer
         log.warning("could not build the exact-search cache at %s (%s); scanning Parquet instead", root, exc)
         return None

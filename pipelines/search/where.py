@@ -17,21 +17,23 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-# column -> "str" | "num"
-COLUMNS: dict[str, dict[str, str]] = {
-    "images": {"key": "str", "source": "str", "split": "str", "class": "str", "lat": "num", "lon": "num"},
-    "captions": {
-        "key": "str",
-        "image_key": "str",
-        "caption": "str",
-        "caption_index": "num",
-        "source": "str",
-        "split": "str",
-        "class": "str",
-        "lat": "num",
-        "lon": "num",
-    },
-}
+import pyarrow as pa
+
+from pipelines.errors import PipelineError
+from pipelines.store.schema import TABLES, meta_columns, table_schema
+
+
+def _column_kinds(table: str) -> dict[str, str]:
+    """The filterable columns of `table` (its metadata columns) -> "str" | "num", from the store's schema."""
+    schema = table_schema(table, 1)
+    kinds = {}
+    for name in meta_columns(table):
+        t = schema.field(name).type
+        kinds[name] = "num" if pa.types.is_integer(t) or pa.types.is_floating(t) else "str"
+    return kinds
+
+
+COLUMNS: dict[str, dict[str, str]] = {table: _column_kinds(table) for table in TABLES}
 OPS = ("=", "!=", "<>", "<", "<=", ">", ">=")
 MAX_LENGTH = 2000
 
@@ -42,7 +44,7 @@ _TOKEN = re.compile(
 _KEYWORDS = {"AND", "OR", "NOT", "IN", "IS", "NULL"}
 
 
-class FilterError(ValueError):
+class FilterError(PipelineError, ValueError):
     """The filter text is not in the grammar; the message says where and why."""
 
 

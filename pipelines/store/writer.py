@@ -1,0 +1,422 @@
+"""Writing a store version: whole units are staged, then committed together with one manifest update.
+
+A *unit* is the piece of the archive that is embedded and committed as a whole: one WebDataset shard, or a
+chunk of plain image files. A writer stages a unit's Parquet files under `_staging/{run_id}/` (recording each
+file's sha256 and size as it is written), and `commit()` then, holding the version's commit lock
+(pipelines.store.manifest): re-reads the manifest, leaves out units another writer committed meanwhile, moves
+the staged files to their final names (deterministic per unit) and publishes the merged manifest with a
+compare-and-swap, re-merging on a conflict. Readers list files from the manifest only, so a killed run leaves
+nothing visible.
+
+Several writers may work on one version at once (two `ssjdn embed` runs over different splits): every run
+keeps a lease (`_staging/{run_id}.lease.json`: host, pid, expiry), and a writer clears only the staging
+folders of runs that are dead (same host and the process is gone, or the lease expired).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.fsio import (
+    atomic_write_json,
+    commit,
+    full_url,
+    is_local,
+    is_storage_error,
+    safe_join,
+    with_retries,
+)
+from pipelines.store.manifest import (
+    DEFAULT_LOCK_TIMEOUT_S,
+    Manifest,
+    ManifestConflict,
+    commit_lock,
+    read_for_update,
+    write_manifest,
+)
+from pipelines.store.reader import EmbeddingStore
+from pipelines.store.schema import (
+    DEFAULT_MAX_ROWS_PER_FILE,
+    EMBEDDING,
+    LEASE_SUFFIX,
+    ROW_GROUP_ROWS,
+    STAGING,
+    StoreError,
+    check_model_id,
+    table_schema,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_LEASE_S = 3600.0  # a run on another host that has not renewed its lease for this long is dead
+MAX_COMMIT_ATTEMPTS = 20
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def unit_slug(unit_id: str) -> str:
+    """File-name-safe, collision-free token for a unit id (`test/shard-000003.tar` -> `test_shard-000003_tar-1a2b3c4d`)."""
+    digest = hashlib.sha1(unit_id.encode("utf-8")).hexdigest()[:8]
+    return f"{_UNSAFE.sub('_', unit_id).strip('_')[-80:]}-{digest}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class _HashingFile:
+    """A write-only file object that hashes and counts what passes through it (what pyarrow needs of one)."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.raw.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+@dataclass
+class StagedUnit:
+    unit: dict[str, Any]
+    files: list[tuple[str, str, dict[str, Any]]]  # (staged path, final path, manifest file entry)
+    moved: bool = False
+
+
+def _alive(lease: dict[str, Any]) -> bool:
+    """Whether the run that wrote `lease` may still be working: on this host, whether its process exists;
+    elsewhere, whether its lease has not expired."""
+    if lease.get("host") != socket.gethostname():
+        return float(lease.get("expires_at", 0)) >= time.time()
+    try:
+        os.kill(int(lease["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True
+    return True
+
+
+class VersionWriter:
+    """Stages whole units and commits them (see the module docstring).
+
+    `model` is recorded in the manifest (checkpoint URL, config name, dim, dtype, ...). Reopening an existing
+    version checks that dim and dtype agree, so one version never mixes layouts.
+    """
+
+    def __init__(
+        self,
+        store: EmbeddingStore,
+        model_id: str,
+        model: dict[str, Any],
+        *,
+        max_rows_per_file: int = DEFAULT_MAX_ROWS_PER_FILE,
+        run_id: str | None = None,
+        lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+    ) -> None:
+        if max_rows_per_file < 1:
+            raise ValueError("max_rows_per_file must be at least 1")
+        self.store = store
+        self.fs = store.fs
+        self.model_id = check_model_id(model_id)
+        self.base = store.version_path(model_id)
+        self.max_rows_per_file = max_rows_per_file
+        self.lock_timeout_s = lock_timeout_s
+        self.run_id = run_id or f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.staging = safe_join(self.base, STAGING, self.run_id)
+        self.lease_path = safe_join(self.base, STAGING, self.run_id + LEASE_SUFFIX)
+        self._lease_renewed: float | None = None
+        self.model = dict(model)
+        existing = store.read_manifest(model_id)
+        if existing is None:
+            now = _now()
+            self.manifest = Manifest(model_id=model_id, model=dict(model), created_at=now, updated_at=now)
+        else:
+            self._check_compatible(existing)
+            self.manifest = existing
+        self.pending: list[StagedUnit] = []
+        self.superseded: list[str] = []  # units another writer committed first (this run's copy was dropped)
+
+    def _check_compatible(self, existing: Manifest) -> None:
+        for k in ("dim", "dtype"):
+            if str(existing.model.get(k)) != str(self.model.get(k)):
+                raise StoreError(
+                    f"version {self.model_id[:12]} in {self.store.url} stores {k}={existing.model.get(k)!r}; "
+                    f"this run would write {k}={self.model.get(k)!r}. Use the same setting or another store."
+                )
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest.model["dim"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self.manifest.model["dtype"])
+
+    def done(self) -> dict[str, dict[str, Any]]:
+        """Committed units by id (as of the last manifest this writer read)."""
+        return self.manifest.unit_map()
+
+    # ------------------------------------------------------------------------------------------ runs
+
+    def _renew_lease(self, force: bool = False) -> None:
+        if not force and self._lease_renewed and time.monotonic() - self._lease_renewed < RUN_LEASE_S / 8:
+            return
+        doc = {
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "renewed_at": _now(),
+            "expires_at": time.time() + RUN_LEASE_S,
+        }
+        with_retries(
+            lambda: atomic_write_json(self.fs, self.lease_path, doc), what=f"write {self.lease_path}"
+        )
+        self._lease_renewed = time.monotonic()
+
+    def remove_stale_staging(self) -> None:
+        """Drop what dead runs left in `_staging/` (folders of live concurrent writers are left alone)."""
+        root = safe_join(self.base, STAGING)
+        try:
+            entries = self.fs.ls(root, detail=False)
+        except FileNotFoundError:
+            return
+        runs: dict[str, list[str]] = {}
+        for entry in entries:
+            name = posixpath.basename(entry.rstrip("/"))
+            runs.setdefault(name.split(".", 1)[0], []).append(entry)
+        for run_id, paths in runs.items():
+            if run_id == self.run_id:
+                continue
+            lease_path = safe_join(root, run_id + LEASE_SUFFIX)
+            lease = None
+            if any(p.rstrip("/").endswith(LEASE_SUFFIX) for p in paths):
+                try:
+                    lease = json.loads(self.fs.cat_file(lease_path))
+                except (FileNotFoundError, ValueError):
+                    continue  # being written or removed right now: not ours to judge
+            elif any(".lease.json." in p for p in paths):
+                continue  # a lease being written: a run starting up
+            if lease is not None and _alive(lease):
+                continue
+            log.info("removing leftovers of interrupted run %s under %s", run_id, full_url(self.fs, root))
+            for p in sorted(paths, key=lambda p: p.endswith(LEASE_SUFFIX)):  # the lease last
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(p, recursive=True)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            if not self.fs.ls(root, detail=False):
+                self.fs.rm(root, recursive=True)
+
+    # ------------------------------------------------------------------------------------------ staging
+
+    def stage(self, unit: dict[str, Any], tables: dict[str, pa.Table]) -> None:
+        """Write one unit's tables to staging (bounded rows per file). `unit` must have an `id`.
+
+        The unit entry records per table the row count (`images`, `captions`: int or None when not embedded).
+        """
+        unit = dict(unit)
+        unit_id = unit["id"]
+        prior = self.done().get(unit_id)
+        slug = unit_slug(unit_id)
+        self._renew_lease()
+        files = []
+        for table, data in tables.items():
+            expected = table_schema(table, self.dim, self.dtype)
+            if not data.schema.equals(expected):
+                raise StoreError(
+                    f"unit {unit_id}: {table} rows do not match the store schema:\n{data.schema}"
+                )
+            if prior is not None and prior.get(table) is not None:
+                raise StoreError(f"unit {unit_id} already has committed {table}; versions are append-only")
+            unit[table] = data.num_rows
+            for i, start in enumerate(range(0, max(data.num_rows, 1), self.max_rows_per_file)):
+                part = data.slice(start, self.max_rows_per_file)
+                if part.num_rows == 0:
+                    break
+                rel = f"{table}/part-{slug}-{i:04d}.parquet"
+                staged = safe_join(self.staging, rel)
+                sha256, size = self._write_parquet(part, staged)
+                entry = {
+                    "table": table,
+                    "path": rel,
+                    "rows": part.num_rows,
+                    "unit": unit_id,
+                    "sha256": sha256,
+                    "bytes": size,
+                }
+                files.append((staged, safe_join(self.base, rel), entry))
+        self.pending.append(StagedUnit(unit=unit, files=files))
+
+    def _write_parquet(self, table: pa.Table, path: str) -> tuple[str, int]:
+        if is_local(self.fs):
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+
+        def write() -> tuple[str, int]:
+            with self.fs.open(path, "wb") as f:
+                out = _HashingFile(f)
+                # Embeddings are incompressible floats: store them plain, compress the metadata. Page CRCs let
+                # partial reads (filters, the winners' metadata) check what they read without hashing the file.
+                pq.write_table(
+                    table,
+                    out,
+                    compression={c: ("none" if c == EMBEDDING else "zstd") for c in table.column_names},
+                    use_dictionary=[c for c in table.column_names if c != EMBEDDING],
+                    row_group_size=ROW_GROUP_ROWS,
+                    write_page_checksum=True,
+                )
+            return out.sha.hexdigest(), out.size
+
+        return with_retries(write, what=f"write {full_url(self.fs, path)}")
+
+    # ------------------------------------------------------------------------------------------ commit
+
+    def commit(self) -> int:
+        """Publish every staged unit with one manifest update; returns how many units this call committed.
+
+        Holds the version's commit lock; merges into whatever other writers committed meanwhile. A unit (table)
+        another writer committed first is not committed twice: this run's copy is dropped, with a warning, and
+        listed in `superseded`.
+        """
+        if not self.pending:
+            return 0
+        self._renew_lease(force=True)
+        with commit_lock(self.fs, self.base, self.run_id, self.lock_timeout_s) as lock:
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                latest, token = with_retries(
+                    lambda: read_for_update(self.fs, self.base), what=f"read the manifest of {self.base}"
+                )
+                if latest is not None:
+                    self._check_compatible(latest)
+                merged, committed = self._merge(latest, lock)
+                if committed == 0:  # everything was committed by other writers first
+                    merged = latest
+                    break
+                try:
+                    with_retries(
+                        lambda m=merged, t=token: write_manifest(self.fs, self.base, m, t),
+                        what=f"write the manifest of {full_url(self.fs, self.base)}",
+                        retry_on=lambda e: not isinstance(e, StoreError) and is_storage_error(e),
+                    )
+                except ManifestConflict as exc:
+                    log.info("concurrent commit to %s (%s); merging again", full_url(self.fs, self.base), exc)
+                    continue
+                break
+            else:
+                raise StoreError(
+                    f"could not commit to {full_url(self.fs, self.base)}: the manifest kept changing "
+                    f"({MAX_COMMIT_ATTEMPTS} attempts)"
+                )
+        if merged is not None:
+            self.manifest = merged
+        self.pending = []
+        log.info(
+            "committed %d unit(s) to %s (generation %d)",
+            committed,
+            full_url(self.fs, self.base),
+            self.manifest.generation,
+        )
+        return committed
+
+    def _merge(self, latest: Manifest | None, lock) -> tuple[Manifest, int]:
+        """The manifest after this commit: `latest` plus the pending units it does not hold yet (their files
+        moved to their final names now, under the lock)."""
+        now = _now()
+        if latest is None:
+            base = Manifest(
+                model_id=self.model_id,
+                model=dict(self.manifest.model),
+                created_at=self.manifest.created_at or now,
+            )
+        else:
+            base = latest
+        units = base.unit_map()
+        files = list(base.files)
+        listed = {f["path"] for f in files}
+        kept = []
+        for staged in self.pending:
+            uid = staged.unit["id"]
+            theirs = units.get(uid, {})
+            tables = [t for t in ("images", "captions") if staged.unit.get(t) is not None]
+            clash = [t for t in tables if theirs.get(t) is not None]
+            if clash and not staged.moved:
+                log.warning(
+                    "unit %s (%s) was committed to %s by another writer meanwhile; this run's copy is dropped",
+                    uid,
+                    ", ".join(clash),
+                    full_url(self.fs, self.base),
+                )
+                self.superseded.append(uid)
+                for src, _, _ in staged.files:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm(src)
+                continue
+            if not staged.moved:
+                for src, dst, entry in staged.files:
+                    if entry["path"] in listed:
+                        raise StoreError(
+                            f"{full_url(self.fs, dst)} is already committed; refusing to replace it"
+                        )
+                    with_retries(
+                        lambda s=src, d=dst: commit(self.fs, s, d), what=f"commit {full_url(self.fs, dst)}"
+                    )
+                    lock.renew()
+                staged.moved = True
+            kept.append(staged)
+        for staged in kept:
+            uid = staged.unit["id"]
+            prior = units.get(uid)
+            unit = dict(staged.unit)
+            if (
+                prior is not None
+            ):  # a unit that gains a table (e.g. captions added later) keeps the old counts
+                unit = {**prior, **{k: v for k, v in unit.items() if v is not None}}
+            units[uid] = {**unit, "committed_at": now}
+            files.extend(entry for _, _, entry in staged.files if entry["path"] not in listed)
+        self.pending = kept
+        merged = Manifest(
+            model_id=base.model_id,
+            model=base.model,
+            files=sorted(files, key=lambda f: (f["table"], f["path"])),
+            units=sorted(units.values(), key=lambda u: u["id"]),
+            created_at=base.created_at or now,
+            updated_at=now,
+            generation=base.generation + 1,
+        )
+        return merged, len(kept)
+
+    def close(self) -> None:
+        """Remove this run's (now empty) staging folder and its lease."""
+        parent = posixpath.dirname(self.staging)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            if self.fs.exists(self.staging):
+                self.fs.rm(self.staging, recursive=True)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            if self._lease_renewed is not None:
+                self.fs.rm(self.lease_path)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            if self.fs.exists(parent) and not self.fs.ls(parent, detail=False):
+                self.fs.rm(parent, recursive=True)
