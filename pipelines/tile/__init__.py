@@ -1,0 +1,1 @@
+"""tile: satellite scenes (GeoTIFF/COG, STAC) -> WebDataset shards of georeferenced chips (docs/tiling.md)."""
