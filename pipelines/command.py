@@ -10,6 +10,7 @@ import sys
 from types import ModuleType
 
 from pipelines.errors import USER_ERRORS
+from pipelines.logfile import route_library_logs
 
 NOISY_LOGGERS = ("httpx", "httpcore", "botocore", "aiobotocore", "s3fs")
 
@@ -25,7 +26,11 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Call the parsed command's `run`; a user error becomes one line and exit code 1."""
+    """Call the parsed command's `run`; a user error becomes one line and exit code 1.
+
+    Ray's and transformers' messages go to a log file (`pipelines.logfile`), named on stderr when it is written."""
+    if not os.environ.get("SSJDN_LIBRARY_LOGS_ON_CONSOLE"):
+        route_library_logs(getattr(args, "_name", "ssjdn"))
     try:
         return int(args._run(args) or 0)
     except USER_ERRORS as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -15,8 +16,46 @@ from typing import Any, BinaryIO
 import torch
 
 from ssjdn.config import config_from_dict, config_to_dict
+from ssjdn.data.errors import DataError
 
 FORMAT = "ssjdn-checkpoint/1"
+
+
+class CheckpointError(DataError):
+    """A checkpoint cannot be used: unreadable, unsafe (objects other than tensors and plain data), not an SSJDN
+    checkpoint, or made with another config than the one it is loaded into. The message is one line."""
+
+
+def _unsafe_reason(exc: BaseException) -> str:
+    """One line out of torch's many-line `weights_only` refusal: the global it would not load, if it says."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        # "... Unsupported global: GLOBAL io.open was not an allowed global by default. Please use ..."
+        if "Unsupported global" in line:
+            return "Unsupported global" + line.split("Unsupported global", 1)[1].split(" was not ")[0]
+    return lines[0].rstrip(".") if lines else type(exc).__name__
+
+
+def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys: {"model.embed_dim": 512, ...}."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], limit: int = 6) -> str:
+    """`key: saved -> current` for the keys that differ (at most `limit`, then a count), '' when none."""
+    a, b = flat_config(saved or {}), flat_config(current or {})
+    keys = sorted(k for k in a.keys() | b.keys() if k != "name" and a.get(k) != b.get(k))
+    parts = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"and {len(keys) - limit} more")
+    return ", ".join(parts)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -85,10 +124,17 @@ def load_checkpoint(
     where = src if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<file object>")
     try:
         ckpt = torch.load(src, map_location=map_location, weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {where} does not exist") from exc
+    except pickle.UnpicklingError as exc:  # weights_only refused something: never unpickled
+        raise CheckpointError(
+            f"checkpoint {where}: refused, it holds objects other than tensors and plain data "
+            f"({_unsafe_reason(exc)}); only load checkpoints you trust"
+        ) from exc
     except Exception as exc:
-        raise ValueError(f"checkpoint {where}: cannot be read safely ({exc})") from exc
+        raise CheckpointError(f"checkpoint {where}: cannot be read ({_unsafe_reason(exc)})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {where}: not an SSJDN checkpoint (format {FORMAT!r} expected)")
+        raise CheckpointError(f"checkpoint {where}: not an SSJDN checkpoint (format {FORMAT!r} expected)")
     return ckpt
 
 

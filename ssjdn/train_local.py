@@ -14,6 +14,7 @@ The epoch bookkeeping (the metrics rows, best-by-val, the bad-sample budget, the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssjdn.batching import BadItem, make_collate_fn
-from ssjdn.config import SSJDNConfig, apply_overrides, config_to_dict
+from ssjdn.checkpoint import CheckpointError, config_differences
+from ssjdn.config import ConfigError, SSJDNConfig, apply_overrides, config_to_dict
+from ssjdn.data.errors import DataError
 from ssjdn.engine import (
     EpochLog,
     EvalSet,
@@ -95,13 +98,13 @@ def _with_class_count(cfg: SSJDNConfig, classes: list[str]) -> SSJDNConfig:
     if not cfg.model.lsd:
         return cfg
     if len(classes) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"model.lsd needs scene labels, but the dataset has {len(classes)} classes: "
             "add labels.csv or train with model.lsd=false"
         )
     have = cfg.model.lsd_cfg.num_classes
     if have and have != len(classes):
-        raise ValueError(
+        raise ConfigError(
             f"config has model.lsd_cfg.num_classes={have} but the dataset has {len(classes)} classes"
         )
     return apply_overrides(cfg, {"model.lsd_cfg.num_classes": len(classes)})
@@ -129,6 +132,26 @@ def _pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def _resume_errors(path: Path, ckpt: dict | None, cfg: SSJDNConfig) -> Iterator[None]:
+    """A checkpoint that does not fit the config (size mismatch, missing keys, another tokenizer) as one line
+    that names the checkpoint and the config keys that differ."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        if ckpt is None:
+            raise
+        diff = config_differences(ckpt.get("config") or {}, config_to_dict(cfg))
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        saved = (ckpt.get("config") or {}).get("name", "?")
+        made = f"config {saved!r}, not {cfg.name!r}" if saved != cfg.name else f"another {saved!r} config"
+        raise CheckpointError(
+            f"cannot resume from {path}: it was made with {made}"
+            + (f"; differing keys: {diff}" if diff else f" ({first})")
+            + "; use another --out or the config it was trained with"
+        ) from exc
 
 
 def train_local(
@@ -165,7 +188,7 @@ def train_local(
     ds = load_dataset(data, format=dataset_format, images=images)
     train_samples = ds.by_split("train")
     if not train_samples:
-        raise ValueError(f"dataset {ds.root} has no train split samples")
+        raise DataError(f"dataset {ds.root} has no train split samples")
     cfg = _with_class_count(cfg, ds.classes)
     log.info("dataset %s: %s, %d classes", ds.name, ds.split_counts(), len(ds.classes))
 
@@ -176,12 +199,15 @@ def train_local(
         log.warning("no val split: the best checkpoint is selected on the test split")
 
     ckpt = None
-    if resume and (out / "last.pt").exists():
-        ckpt = load_checkpoint(out / "last.pt")
-        tokenizer = build_tokenizer(cfg, state=ckpt["tokenizer"])
+    last = out / "last.pt"
+    if resume and last.exists():
+        ckpt = load_checkpoint(last)
+        with _resume_errors(last, ckpt, cfg):
+            tokenizer = build_tokenizer(cfg, state=ckpt["tokenizer"])
     else:
         tokenizer = build_tokenizer(cfg, captions=[c for s in train_samples for c in s.captions])
-    model = build_model(cfg, tokenizer, pretrained=ckpt is None).to(dev)
+    with _resume_errors(last, ckpt, cfg):
+        model = build_model(cfg, tokenizer, pretrained=ckpt is None).to(dev)
     cfg = model.cfg  # resolved text model name
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
@@ -203,7 +229,8 @@ def train_local(
     metrics_path = out / "metrics.jsonl"
     start_epoch, step, history = 1, 0, EpochLog()
     if ckpt is not None:
-        step, done = apply_checkpoint(ckpt, model, optimizer, scheduler)
+        with _resume_errors(last, ckpt, cfg):
+            step, done = apply_checkpoint(ckpt, model, optimizer, scheduler)
         start_epoch = done + 1
         history = EpochLog.from_state(ckpt["extra"])
         if not history.rows:  # a last.pt from before the log was kept in it: the rows are in metrics.jsonl

@@ -11,10 +11,21 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ssjdn.data.synthetic import generate_synthetic
 from ssjdn_cli.main import main
 from tests.embed_helpers import dataset_captions, make_tiny_checkpoint
+
+
+class _Evil:
+    """Unpickling it creates a file: the proof that a checkpoint was unpickled unsafely."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +61,16 @@ def corpus(tmp_path_factory):
             }
         )
     )
+    # A table whose image is a local: URL outside the dataset (issue 19).
+    (root / "localurl").mkdir()
+    (root / "localurl" / "t.csv").write_text("image,caption\nlocal:///etc/hostname,x\n")
+    # train-local --resume from a last.pt that is a malicious pickle, and from one of another config (issue 19).
+    evil = root / "evil-run"
+    evil.mkdir()
+    torch.save({"format": "ssjdn-checkpoint/1", "x": _Evil(str(root / "pwned"))}, evil / "last.pt")
+    othercfg = root / "other-config-run"
+    othercfg.mkdir()
+    make_tiny_checkpoint(othercfg / "last.pt", dataset_captions(data), overrides={"model.embed_dim": 24})
     conflict = root / "conflict"  # a destination already holding another dataset's shards
     assert main(["shard", str(data), str(conflict), "--maxcount", "5", "--no-progress"]) == 0
     other = generate_synthetic(root / "other", n_per_class=1, size=32, seed=9)
@@ -88,6 +109,9 @@ def _cases():
         ("shard into another dataset's shards", ["shard", "{other}", "{conflict}", "--no-progress"], "conflict"),
         ("shard with workers 0", ["shard", "{data}", f"{r}/o11", "--workers", "0"], "workers"),
         ("shard with an unknown option", ["shard", "{data}", f"{r}/o12", "--max-count", "3"], "max-count"),
+        ("shard a table with a local URL outside the dataset", ["shard", f"{r}/localurl", f"{r}/o13"], "local:///etc/hostname"),
+        ("shard with an allowed root that is no folder", ["shard", "{data}", f"{r}/o14", "--allow-root", f"{r}/nope"], "nope"),
+        ("describe a table with a local URL outside the dataset", ["data", "describe", f"{r}/localurl"], "local:///etc/hostname"),
         # train-local
         ("train-local with a missing config", ["train-local", "--config", "nope", "--data", "{data}", "--out", f"{r}/t1"], "nope"),
         ("train-local with a broken config", ["train-local", "--config", f"{r}/bad.yaml", "--data", "{data}", "--out", f"{r}/t2"], "bad.yaml"),
@@ -95,6 +119,9 @@ def _cases():
         ("train-local with a bad override", ["train-local", "--config", "tiny", "--set", "train.nope=1", "--data", "{data}", "--out", f"{r}/t4"], "train.nope"),
         ("train-local with a malformed override", ["train-local", "--config", "tiny", "--set", "novalue", "--data", "{data}", "--out", f"{r}/t5"], "novalue"),
         ("train-local on a missing dataset", ["train-local", "--config", "tiny", "--data", f"{r}/nope", "--out", f"{r}/t6"], "nope"),
+        ("train-local resuming from a malicious pickle", ["train-local", "--config", "tiny", "--data", "{data}", "--out", f"{r}/evil-run", "--resume", "--set", "model.lsd=false"], "last.pt"),
+        ("train-local resuming from another config's checkpoint", ["train-local", "--config", "tiny", "--data", "{data}", "--out", f"{r}/other-config-run", "--resume", "--set", "model.lsd=false"], "model.embed_dim"),
+        ("train-local with a class count the dataset does not have", ["train-local", "--config", "tiny", "--data", "{data}", "--out", f"{r}/t7"], "num_classes"),
         # train (fails in preflight, before Ray starts)
         ("train on missing shards", ["train", "--config", "tiny", "--shards", f"{r}/nope", "--storage", f"{r}/runs"], "nope"),
         ("train on an unsafe shard manifest", ["train", "--config", "tiny", "--shards", "{shards}", "--storage", f"{r}/runs"], "passwd"),
@@ -140,3 +167,4 @@ def test_bad_input_gets_one_line_and_no_traceback(corpus, capsys, what, argv, na
     assert error_lines, f"{what}: no error line on stderr:\n{err}"
     assert named.format(**values) in error_lines[-1], f"{what}: the error does not name {named!r}: {error_lines}"
     shutil.rmtree(Path(values["root"]) / "runs", ignore_errors=True)
+    assert not (Path(values["root"]) / "pwned").exists(), f"{what}: a pickle was unpickled"

@@ -12,6 +12,7 @@ import torch
 
 from ssjdn.batching import BadItem, collate
 from ssjdn.config import load_config
+from ssjdn.data.errors import DataError
 from ssjdn.engine import (
     EpochLog,
     EvalSet,
@@ -101,11 +102,44 @@ class Evil:
 def test_load_checkpoint_refuses_pickled_objects(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "ssjdn-checkpoint/1", "payload": Evil()}, path)
-    with pytest.raises(ValueError, match="cannot be read safely"):
+    with pytest.raises(DataError, match="refused, it holds objects other than tensors") as info:
         load_checkpoint(path)
+    assert "\n" not in str(info.value) and "GLOBAL" in str(info.value)
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an SSJDN checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_a_checkpoint_is_found_in_run_and_checkpoint_folders(tmp_path):
+    """`--checkpoint` takes the `.pt` file, a Ray checkpoint folder, `best/`, a Ray or train-local run folder."""
+    from pipelines.embed.encoders import CheckpointError, read_checkpoint
+
+    ray_run = tmp_path / "ray-run"
+    for name in ("checkpoint-e0001-s0000032", "checkpoint-e0002-s0000064", "best"):
+        (ray_run / name).mkdir(parents=True)
+        (ray_run / name / "checkpoint.pt").write_bytes(name.encode())
+    local_run = tmp_path / "local-run"
+    local_run.mkdir()
+    (local_run / "best.pt").write_bytes(b"best.pt")
+    (local_run / "last.pt").write_bytes(b"last.pt")
+    no_best = tmp_path / "no-best"
+    for name in ("checkpoint-e0001-s0000032", "checkpoint-e0002-s0000064"):
+        (no_best / name).mkdir(parents=True)
+        (no_best / name / "checkpoint.pt").write_bytes(name.encode())
+    expect = {
+        ray_run / "checkpoint-e0001-s0000032": b"checkpoint-e0001-s0000032",
+        ray_run / "best": b"best",
+        ray_run: b"best",
+        ray_run / "best" / "checkpoint.pt": b"best",
+        local_run: b"best.pt",
+        no_best: b"checkpoint-e0002-s0000064",
+    }
+    for url, data in expect.items():
+        assert read_checkpoint(str(url)).data == data, url
+    assert read_checkpoint(str(local_run)).url.endswith("best.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty holds no checkpoint"):
+        read_checkpoint(str(tmp_path / "empty"))
 
 
 def test_nan_loss_stops_before_the_weights_change():

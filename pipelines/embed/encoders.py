@@ -30,9 +30,48 @@ class CheckpointBlob:
     model_id: str
 
 
+# In a folder, where its checkpoint is, best first: a Ray checkpoint folder or `best/` (checkpoint.pt), a Ray
+# run folder (best/checkpoint.pt), a train-local run folder (best.pt); then the newest Ray checkpoint, last.pt.
+FOLDER_CHECKPOINTS = ("checkpoint.pt", "best/checkpoint.pt", "best.pt")
+
+
+def resolve_checkpoint(fs, path: str) -> str:
+    """The checkpoint file a path names: the file itself, or the checkpoint of a run or checkpoint folder."""
+    try:
+        is_dir = fs.isdir(path)
+    except OSError:
+        is_dir = False
+    if not is_dir:
+        return path
+    base = path.rstrip("/")
+    for name in FOLDER_CHECKPOINTS:
+        if fs.isfile(f"{base}/{name}"):
+            return f"{base}/{name}"
+    try:
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+    except OSError:
+        names = []
+    for name in reversed([n for n in names if n.startswith("checkpoint-e")]):
+        if fs.isfile(f"{base}/{name}/checkpoint.pt"):
+            return f"{base}/{name}/checkpoint.pt"
+    if fs.isfile(f"{base}/last.pt"):
+        return f"{base}/last.pt"
+    raise CheckpointError(
+        f"checkpoint folder {full_url(fs, base)} holds no checkpoint (looked for "
+        f"{', '.join(FOLDER_CHECKPOINTS)}, checkpoint-e*/checkpoint.pt, last.pt)"
+    )
+
+
 def read_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> CheckpointBlob:
-    """The checkpoint's bytes (any fsspec URL) and their sha256, the store's `model_id`."""
+    """The checkpoint's bytes (any fsspec URL) and their sha256, the store's `model_id`.
+
+    `url` may be the `.pt` file, a checkpoint folder (`checkpoint-e0001-s0000032/`, `best/`) or a run folder
+    (Ray Train's or train-local's): see `resolve_checkpoint`."""
     fs, path = get_fs(url, storage_options)
+    resolved = resolve_checkpoint(fs, path)
+    if resolved != path:
+        log.info("checkpoint %s: using %s", full_url(fs, path), full_url(fs, resolved))
+    path = resolved
     where = full_url(fs, path)
 
     def read() -> bytes:

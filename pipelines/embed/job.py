@@ -266,6 +266,13 @@ def _ensure_ray(address: str | None, num_cpus: int | None) -> bool:
         # More logical CPUs than cores: read tasks and encoder actors must not starve each other (PITFALLS).
         kwargs["num_cpus"] = num_cpus or max(4, 2 * (os.cpu_count() or 1))
     # A Ray started here inherits this process's environment (credentials included): nothing to pass.
+    import ray.data  # noqa: F401  (its console logging is set up on import: rerouted below)
+
+    from pipelines.logfile import quiet_ray_env, reroute
+
+    reroute()  # Ray's and Ray Data's console handlers (added on import) -> the command's log file
+    if not address and not os.environ.get("SSJDN_LIBRARY_LOGS_ON_CONSOLE"):
+        quiet_ray_env(log_to_driver=False)
     ray.init(**kwargs)
     return True
 

@@ -260,14 +260,19 @@ def prepare(opts: TrainOptions) -> Prepared:
 def _init_ray(opts: TrainOptions) -> None:
     import ray
 
+    from pipelines.logfile import quiet_ray_env, reroute
+
     if ray.is_initialized():
         return
+    reroute()  # Ray's console handlers (added on import) -> the command's log file
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
     # A local Ray: enough logical CPUs for the workers and the Train controller.
     cpus = max(os.cpu_count() or 1, int(opts.workers * opts.cpus_per_worker + 0.999) + 1)
+    if not os.environ.get("SSJDN_LIBRARY_LOGS_ON_CONSOLE"):
+        quiet_ray_env(log_to_driver=True)  # the workers' `ray` loggers at ERROR; their own lines still show
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
 
 
