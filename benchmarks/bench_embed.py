@@ -99,7 +99,7 @@ def checkpoint(path: str | None, work: Path) -> str:
 def plain_loop(archive: Path, ckpt: str, batch_size: int, out: Path) -> int:
     import pyarrow.parquet as pq
 
-    from pipelines.embed.encoders import read_checkpoint, restore_encoders
+    from pipelines.encoders import read_checkpoint, restore_encoders
     from pipelines.shard.read import open_shards
     from pipelines.store.schema import build_table
     from ssjdn.data.images import decode_image

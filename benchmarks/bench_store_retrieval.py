@@ -38,8 +38,8 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from benchmarks.local_s3 import local_s3
-    from pipelines.embed.encoders import read_checkpoint, restore_encoders
     from pipelines.embed.job import embed_archive
+    from pipelines.encoders import read_checkpoint, restore_encoders
     from pipelines.search.query import exact_topk
     from pipelines.shard.job import shard_dataset
     from pipelines.store.reader import EmbeddingStore

@@ -43,7 +43,7 @@ def evaluate_task(shards: str, checkpoint: str) -> dict[str, dict[str, float]]:
 
 @task(name="sample-queries", cache_policy=NO_CACHE)
 def queries_task(shards: str, store: str, out_dir: str) -> list[dict[str, Any]]:
-    from pipelines.report.html import thumbnail_uri
+    from pipelines.search.page import thumbnail_uri
 
     picked = demo.pick_queries(shards)
     options = QueryOptions(k=5)

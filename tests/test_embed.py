@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.embed.encoders import CheckpointError
 from pipelines.embed.job import embed_archive
+from pipelines.encoders import CheckpointError
 from pipelines.store.reader import EmbeddingStore
 from pipelines.store.schema import embeddings_to_numpy
 from tests.embed_helpers import dataset_captions, direct_embeddings, make_tiny_checkpoint
@@ -103,7 +103,7 @@ def test_embeddings_equal_model_output_and_rerun_writes_nothing(tiny, s3_archive
     row = images.filter(pa.compute.equal(images.column("key"), "synthetic__airport_0000")).to_pylist()[0]
     assert row["class"] == "airport" and row["split"] in ("train", "val", "test") and row["lat"] is None
     # the source URI resolves to the exact image bytes inside the S3 shard
-    from pipelines.report.html import fetch_images
+    from pipelines.search.page import fetch_images
 
     fetched = fetch_images([row["source"]])[row["source"]]
     assert fetched["image"] == tiny["images"]["airport_0000"].read_bytes() and len(fetched["captions"]) == 5

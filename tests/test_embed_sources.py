@@ -12,15 +12,8 @@ import tarfile
 
 import pytest
 
-from pipelines.embed.sources import (
-    UnitReadError,
-    change_reason,
-    discover,
-    member_uri,
-    plan_units,
-    read_unit,
-    split_member_uri,
-)
+from pipelines.embed.sources import UnitReadError, change_reason, discover, plan_units, read_unit
+from pipelines.shard.layout import member_uri, split_member_uri
 
 
 @pytest.fixture(scope="module")

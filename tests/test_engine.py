@@ -112,7 +112,7 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path):
 
 def test_a_checkpoint_is_found_in_run_and_checkpoint_folders(tmp_path):
     """`--checkpoint` takes the `.pt` file, a Ray checkpoint folder, `best/`, a Ray or train-local run folder."""
-    from pipelines.embed.encoders import CheckpointError, read_checkpoint
+    from pipelines.encoders import CheckpointError, read_checkpoint
 
     ray_run = tmp_path / "ray-run"
     for name in ("checkpoint-e0001-s0000032", "checkpoint-e0002-s0000064", "best"):

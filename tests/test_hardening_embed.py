@@ -36,9 +36,9 @@ def _tar(path: Path, images: list[Path]) -> bytes:
 
 def test_a_unit_whose_tar_changed_since_its_commit_fails_instead_of_nothing_new(tiny, tmp_path, capsys):
     """Old behaviour: a warning, "nothing new", exit 0. Now the unit is a failed unit (exit 1) with the reason."""
-    from pipelines.embed.encoders import read_checkpoint, restore_encoders
     from pipelines.embed.job import embed_archive
     from pipelines.embed.sources import discover
+    from pipelines.encoders import read_checkpoint, restore_encoders
     from pipelines.store.reader import EmbeddingStore
     from pipelines.store.schema import build_table
     from pipelines.store.writer import VersionWriter

@@ -149,6 +149,24 @@ def test_no_import_cycles_anywhere():
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
+def package_graph(graph: dict[str, set[str]], depth: int = 2) -> dict[str, set[str]]:
+    """The module graph folded to packages (`pipelines.search.query` -> `pipelines.search`)."""
+    fold = lambda m: ".".join(m.split(".")[:depth])  # noqa: E731
+    out: dict[str, set[str]] = {}
+    for src, targets in graph.items():
+        out.setdefault(fold(src), set()).update(fold(t) for t in targets if fold(t) != fold(src))
+    for targets in list(out.values()):
+        for t in targets:
+            out.setdefault(t, set())
+    return out
+
+
+def test_no_cycles_between_the_job_packages():
+    graph, _ = import_graph(REPO)
+    found = cycles(package_graph({m: t for m, t in graph.items() if m.startswith("pipelines.")}))
+    assert not found, "package cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
 def test_no_module_imports_another_modules_private_names():
     graph, every = import_graph(REPO)
     offenders = private_imports(every, graph)
@@ -166,6 +184,9 @@ def test_the_checker_finds_a_planted_cycle_hidden_in_a_function(tmp_path):
     graph, _ = import_graph(tmp_path, packages=("planted",))
     assert cycles(graph) == [["planted.a", "planted.b"]]
     assert graph["planted.c"] == {"planted.a"}
+    # Folded to packages, two modules that import each other's package form a package cycle.
+    folded = package_graph({"p.x.a": {"p.y.b"}, "p.y.c": {"p.x.d"}, "p.x.d": set(), "p.y.b": set()})
+    assert cycles(folded) == [["p.x", "p.y"]]
 
 
 def test_the_checker_finds_a_planted_private_import_and_an_upward_import(tmp_path):

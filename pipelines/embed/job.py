@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.embed.encoders import CheckpointBlob, read_checkpoint, restore_encoders
 from pipelines.embed.options import EmbedOptions
 from pipelines.embed.sources import change_reason, discover, plan_units, read_unit
+from pipelines.encoders import CheckpointBlob, read_checkpoint, restore_encoders
 from pipelines.ray_env import worker_env
 from pipelines.store.reader import EmbeddingStore
 from pipelines.store.schema import CAPTION_COLUMNS, META_COLUMNS, build_table

@@ -31,6 +31,7 @@ from typing import Any
 
 from pipelines.errors import PipelineError
 from pipelines.fsio import full_url, get_fs, is_local, read_json, safe_join
+from pipelines.shard.layout import member_uri
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,6 @@ DEFAULT_CHUNK = 1000
 
 class UnitReadError(PipelineError, OSError):
     """A unit's tar does not read to its end (cut short, unreadable, not the size its manifest lists)."""
-
-
-def member_uri(shard_url: str, member: str) -> str:
-    """fsspec URL of one tar member (`tar://KEY.jpg::s3://bucket/test/shard-000000.tar`): `fsspec.open` reads it."""
-    return f"tar://{member}::{shard_url}"
-
-
-def split_member_uri(uri: str) -> tuple[str, str] | None:
-    """(shard URL, member) for a `member_uri`, else None."""
-    if not uri.startswith("tar://") or "::" not in uri:
-        return None
-    member, shard = uri[len("tar://") :].split("::", 1)
-    return shard, member
 
 
 def _shard_unit(

@@ -76,7 +76,7 @@ def plot_training_curve(history: list[dict[str, Any]], split: str, path: str | P
 def _query_section(
     result: QueryResult, images: dict[str, dict[str, Any]], heading: str, query_thumb: str | None
 ) -> str:
-    from pipelines.report.html import render_hits
+    from pipelines.search.page import render_hits
 
     esc = html.escape
     thumb = f"<img class='query' src='{query_thumb}' alt='query image'>" if query_thumb else ""
@@ -99,7 +99,7 @@ def render_report(
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """The report page. `queries`: [{"heading", "result": QueryResult, "query_thumb": data URI | None}]."""
-    from pipelines.report.html import PAGE_STYLE, fetch_images
+    from pipelines.search.page import PAGE_STYLE, fetch_images
 
     esc = html.escape
     sources = sorted({h.source for q in queries for h in q["result"].hits})

@@ -58,7 +58,7 @@ def _write_html(path: str, result, options) -> None:
     import logging
 
     from pipelines.fsio import atomic_write_bytes, get_fs
-    from pipelines.report.html import fetch_images, render_page
+    from pipelines.search.page import fetch_images, render_page
 
     images = fetch_images([h.source for h in result.hits], options)
     info = {"model_id": result.model_id[:12], "mode": result.mode, "k": len(result.hits)}

@@ -199,7 +199,7 @@ def encode_query(
 ) -> np.ndarray:
     """Encode a caption, or an image (a path/URL, or a decoded PIL image), with the version's own checkpoint
     (its sha256 checked against the version's model_id)."""
-    from pipelines.embed.encoders import CheckpointError, read_checkpoint, restore_encoders
+    from pipelines.encoders import CheckpointError, read_checkpoint, restore_encoders
 
     url = checkpoint or snapshot.model.get("checkpoint")
     if not url:

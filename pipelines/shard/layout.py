@@ -35,3 +35,17 @@ TAR_RECORD = 20 * TAR_BLOCK  # tar pads the archive to whole records (as tarfile
 # Members a shard sample may hold; readers decode these and nothing else (never webdataset's default decoder).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "tif", "tiff", "webp", "gif", "bmp")
 EXPECTED_MEMBERS = frozenset((*IMAGE_EXTS, "json", "cls", "txt"))
+
+
+# A reference to one member of a shard, as the embedding store records an image's source.
+def member_uri(shard_url: str, member: str) -> str:
+    """fsspec URL of one tar member (`tar://KEY.jpg::s3://bucket/test/shard-000000.tar`): `fsspec.open` reads it."""
+    return f"tar://{member}::{shard_url}"
+
+
+def split_member_uri(uri: str) -> tuple[str, str] | None:
+    """(shard URL, member) for a `member_uri`, else None."""
+    if not uri.startswith("tar://") or "::" not in uri:
+        return None
+    member, shard = uri[len("tar://") :].split("::", 1)
+    return shard, member

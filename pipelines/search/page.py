@@ -16,9 +16,9 @@ import tarfile
 from collections import defaultdict
 from typing import Any
 
-from pipelines.embed.sources import split_member_uri
 from pipelines.fsio import get_fs
 from pipelines.search.query import Hit
+from pipelines.shard.layout import split_member_uri
 
 log = logging.getLogger(__name__)
 
