@@ -16,12 +16,15 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-LOSS_NAMES = ("stl", "triplet", "infonce")
+LOSS_NAMES = ("stl", "triplet", "infonce", "stl_nce")
 TRIPLET_VARIANTS = ("sum", "hardest")
 TEXT_KINDS = ("bert", "gru")
 POOLINGS = ("mean", "cls")
 AGREEMENTS = ("auto", "labels", "posterior")
 SCHEDULES = ("cosine", "step", "constant")
+BSD_DIRECTIONS = ("chain", "parallel")
+BSD_SUPPRESSIONS = ("spatial", "content")
+BSD_FUSIONS = ("concat", "gate")
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -66,6 +69,14 @@ class TextConfig:
 @dataclass
 class BSDConfig:
     suppression_init: float = 0.5  # initial strength beta of the salience-guided suppression, in (0, 1)
+    # Variants (docs/model.md); the defaults are the original BSD. They have no effect when model.bsd is false.
+    # direction: chain (neighbour to neighbour, both ways) | parallel (from all other scales at once)
+    direction: str = "chain"
+    suppression: str = "spatial"  # spatial: where the other scale was salient | content: what it extracted
+    fusion: str = (
+        "concat"  # concat: concatenation + linear | gate: a per-sample softmax gate over the clues first
+    )
+    scale_loss_weight: float = 0.0  # > 0: each clue also gets its own retrieval loss (the fused one's loss)
 
 
 @dataclass
@@ -95,7 +106,7 @@ class STLConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "stl"  # stl | triplet | infonce
+    name: str = "stl"  # stl | triplet | infonce | stl_nce (InfoNCE with STL's same-class relief)
     variant: str = "hardest"  # sum | hardest (triplet and stl)
     margin: float = 0.2
     temperature: float = 0.07  # infonce
@@ -152,6 +163,9 @@ _CHOICES = {
     ("loss", "name"): LOSS_NAMES,
     ("loss", "variant"): TRIPLET_VARIANTS,
     ("loss", "stl", "agreement"): AGREEMENTS,
+    ("model", "bsd_cfg", "direction"): BSD_DIRECTIONS,
+    ("model", "bsd_cfg", "suppression"): BSD_SUPPRESSIONS,
+    ("model", "bsd_cfg", "fusion"): BSD_FUSIONS,
     ("model", "text", "kind"): TEXT_KINDS,
     ("model", "text", "pooling"): POOLINGS,
     ("model", "image", "layer_type"): ("basic", "bottleneck"),
@@ -291,7 +305,9 @@ def _validate(cfg: SSJDNConfig) -> None:
         raise ConfigError(f"model.width={m.width} must be divisible by model.lsd_cfg.heads={m.lsd_cfg.heads}")
     if not 0.0 < m.bsd_cfg.suppression_init < 1.0:
         raise ConfigError("model.bsd_cfg.suppression_init must lie in (0, 1)")
-    if cfg.loss.name == "stl" and cfg.loss.stl.agreement == "posterior" and not m.lsd:
+    if m.bsd_cfg.scale_loss_weight < 0:
+        raise ConfigError("model.bsd_cfg.scale_loss_weight must be >= 0")
+    if cfg.loss.name in ("stl", "stl_nce") and cfg.loss.stl.agreement == "posterior" and not m.lsd:
         raise ConfigError("loss.stl.agreement=posterior needs model.lsd=true (the posteriors come from LSD)")
     if cfg.loss.stl.relief < 0:
         raise ConfigError("loss.stl.relief must be >= 0")

@@ -8,6 +8,9 @@
   class). Same-class negatives - often true matches in RS captions - are pushed apart less, or not at all.
   kappa = 0 gives exactly `triplet_loss`.
 - `infonce_loss`: symmetric InfoNCE with a fixed temperature.
+- `stl_infonce_loss`: STL in contrastive form: InfoNCE whose negative (i, j) enters the partition function with
+  the weight w_ij = 1 - kappa_ij / margin = 1 - relief * a_ij (clamped to [0, 1]), i.e. the same adaptive
+  constant as STL down-weights same-class negatives; relief = 0 (or no agreement) gives exactly `infonce_loss`.
 Pairs in `ignore` [B, B] (e.g. two crops of the same image in one batch) are neither positives nor negatives.
 Losses are averaged over anchors (divided by B) so that their scale does not depend on the batch size.
 """
@@ -100,3 +103,24 @@ def infonce_loss(
         logits = logits.masked_fill(ignore, float("-inf"))
     target = torch.arange(sim.shape[0], device=sim.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def stl_infonce_loss(
+    sim: torch.Tensor,
+    agreement: torch.Tensor | None,
+    temperature: float = 0.07,
+    relief: float = 1.0,
+    ignore: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss, w [B, B]): w_ij weighs negative (i, j) in the softmax's denominator (diagonal: 1)."""
+    if agreement is None:
+        return infonce_loss(sim, temperature, ignore), torch.ones_like(sim)
+    n = sim.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+    weight = (1 - relief * agreement.to(sim.dtype)).clamp(0, 1).masked_fill(eye, 1.0).detach()
+    # log w: a weight-w negative counts w times in sum_j exp(s_ij / tau); w = 0 gives -inf (left out).
+    logits = sim / temperature + torch.log(weight)
+    if ignore is not None:
+        logits = logits.masked_fill(ignore, float("-inf"))
+    target = torch.arange(n, device=sim.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)), weight

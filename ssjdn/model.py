@@ -3,8 +3,9 @@
 `build_model(cfg, tokenizer=None, pretrained=True) -> SSJDN`
   encode_image(pixels [B, 3, H, W]) -> [B, D] L2-normalised
   encode_text(tokens {input_ids, attention_mask} [B, L]) -> [B, D] L2-normalised
-  forward(batch) -> {"loss", "loss_retrieval", "loss_lsd"?, "kappa_mean"?, ...} (scalar tensors)
-Switches: cfg.model.bsd, cfg.model.lsd, cfg.loss.name. A switched-off unit is not built at all.
+  forward(batch) -> {"loss", "loss_retrieval", "loss_lsd"?, "loss_scale"?, "kappa_mean"?, ...} (scalar tensors)
+Switches: cfg.model.bsd (+ the BSD variants in cfg.model.bsd_cfg), cfg.model.lsd, cfg.loss.name. A switched-off
+unit is not built at all.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from torch import nn
 
 from ssjdn.bsd import BSD, GlobalPoolHead
 from ssjdn.image_encoder import ImageEncoder
-from ssjdn.losses import infonce_loss, same_item_mask, semantic_agreement, stl_loss, triplet_loss
+from ssjdn.losses import (
+    infonce_loss,
+    same_item_mask,
+    semantic_agreement,
+    stl_infonce_loss,
+    stl_loss,
+    triplet_loss,
+)
 from ssjdn.lsd import LSD, lsd_loss
 from ssjdn.text_encoder import build_text_encoder
 from ssjdn.tokenization import resolve_text_name
@@ -31,7 +39,18 @@ class SSJDN(nn.Module):
         self.image = ImageEncoder(cfg, pretrained=pretrained)
         n_scales = self.image.num_scales
         if m.bsd:
-            self.image_head = BSD(n_scales, m.width, m.embed_dim, m.bsd_cfg.suppression_init, m.dropout)
+            b = m.bsd_cfg
+            self.image_head = BSD(
+                n_scales,
+                m.width,
+                m.embed_dim,
+                b.suppression_init,
+                m.dropout,
+                direction=b.direction,
+                suppression=b.suppression,
+                fusion=b.fusion,
+                scale_heads=b.scale_loss_weight > 0,
+            )
         else:
             self.image_head = GlobalPoolHead(m.width, m.embed_dim, m.dropout)
         self.text = build_text_encoder(cfg, vocab_size=vocab_size, pretrained=pretrained)
@@ -40,9 +59,13 @@ class SSJDN(nn.Module):
         )
 
     # --- encoders -------------------------------------------------------------------------------------------
-    def _image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _image(
+        self, pixels: torch.Tensor, aux: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         maps = self.image(pixels)
-        emb, _ = self.image_head(maps)
+        emb, head_aux = self.image_head(maps)
+        if aux is not None:
+            aux.update(head_aux)
         logits = None
         if self.lsd is not None:
             semantic, logits = self.lsd.image(maps)
@@ -64,8 +87,21 @@ class SSJDN(nn.Module):
         return self._text(tokens)[0]
 
     # --- training objective ------------------------------------------------------------------------------------
+    def _retrieval_loss(self, sim, agreement, ignore) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, kappa or weight [B, B] for logging, or None) of the configured retrieval loss on sim [B, B]."""
+        loss_cfg = self.cfg.loss
+        if loss_cfg.name == "infonce":
+            return infonce_loss(sim, loss_cfg.temperature, ignore), None
+        if loss_cfg.name == "triplet":
+            return triplet_loss(sim, loss_cfg.margin, loss_cfg.variant, ignore), None
+        if loss_cfg.name == "stl_nce":
+            loss, weight = stl_infonce_loss(sim, agreement, loss_cfg.temperature, loss_cfg.stl.relief, ignore)
+            return loss, 1 - weight  # the relief 1 - w (0 on the diagonal), logged like STL's kappa
+        return stl_loss(sim, agreement, loss_cfg.margin, loss_cfg.stl.relief, loss_cfg.variant, ignore)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        img, img_logits = self._image(batch["pixels"])
+        aux: dict = {}
+        img, img_logits = self._image(batch["pixels"], aux)
         txt, txt_logits = self._text(batch["tokens"])
         n = img.shape[0]
         labels = batch.get("labels")
@@ -76,20 +112,26 @@ class SSJDN(nn.Module):
         sim = img @ txt.T  # [B, B] cosine similarity
         loss_cfg = self.cfg.loss
         out: dict[str, torch.Tensor] = {}
-        if loss_cfg.name == "infonce":
-            retrieval = infonce_loss(sim, loss_cfg.temperature, ignore)
-        elif loss_cfg.name == "triplet":
-            retrieval = triplet_loss(sim, loss_cfg.margin, loss_cfg.variant, ignore)
-        else:
+        agreement = None
+        if loss_cfg.name in ("stl", "stl_nce"):
             post_i = torch.softmax(img_logits.float(), -1) if img_logits is not None else None
             post_t = torch.softmax(txt_logits.float(), -1) if txt_logits is not None else None
             agreement = semantic_agreement(labels, post_i, post_t, loss_cfg.stl.agreement)
-            retrieval, kappa = stl_loss(
-                sim, agreement, loss_cfg.margin, loss_cfg.stl.relief, loss_cfg.variant, ignore
-            )
+        retrieval, kappa = self._retrieval_loss(sim, agreement, ignore)
+        if kappa is not None:
             out["kappa_mean"] = kappa.detach().mean()
         out["loss_retrieval"] = retrieval
         loss = retrieval
+        scale_w = self.cfg.model.bsd_cfg.scale_loss_weight
+        if self.cfg.model.bsd and scale_w > 0:
+            # Each scale clue retrieves on its own: the same loss on its own embedding against the text's.
+            per_clue = [
+                self._retrieval_loss(e @ txt.T, agreement, ignore)[0]
+                for e in self.image_head.scale_embeddings(aux["clues"])
+            ]
+            scale_loss = torch.stack(per_clue).mean()
+            out["loss_scale"] = scale_loss
+            loss = loss + scale_w * scale_loss
         if self.lsd is not None:
             sem = lsd_loss(img_logits, txt_logits, labels)
             out["loss_lsd"] = sem

@@ -78,3 +78,24 @@ def test_parse_override_uses_yaml_values():
     assert parse_override("model.image.depths=[1, 2]") == ("model.image.depths", [1, 2])
     with pytest.raises(ConfigError):
         parse_override("model.bsd")
+
+
+def test_bsd_variant_keys_default_to_the_original_bsd():
+    cfg = load_config("cpu-small")
+    b = cfg.model.bsd_cfg
+    assert (b.direction, b.suppression, b.fusion, b.scale_loss_weight) == ("chain", "spatial", "concat", 0.0)
+    cfg = load_config(
+        "cpu-small",
+        {
+            "model.bsd_cfg.direction": "parallel",
+            "model.bsd_cfg.suppression": "content",
+            "model.bsd_cfg.fusion": "gate",
+            "model.bsd_cfg.scale_loss_weight": 0.5,
+            "loss.name": "stl_nce",
+        },
+    )
+    assert cfg.model.bsd_cfg.fusion == "gate" and cfg.loss.name == "stl_nce"
+    with pytest.raises(ConfigError, match="posterior"):
+        load_config(
+            "cpu-small", {"loss.name": "stl_nce", "model.lsd": False, "loss.stl.agreement": "posterior"}
+        )

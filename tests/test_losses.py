@@ -103,3 +103,35 @@ def test_lsd_loss_ignores_unlabelled_samples():
     assert img_logits.grad[[0, 2]].abs().sum() == 0 and img_logits.grad[1].abs().sum() > 0
     none = lsd_loss(img_logits, txt_logits, torch.tensor([-1, -1, -1]))
     assert none.item() == 0.0 and none.requires_grad
+
+
+def test_stl_infonce_is_infonce_without_relief():
+    from ssjdn.losses import stl_infonce_loss
+
+    sim = _random_sim()
+    labels = torch.tensor([0, 0, 1, 1, 2, -1, 2, 0])
+    agreement = semantic_agreement(labels)
+    ignore = same_item_mask(torch.tensor([0, 1, 2, 3, 4, 5, 6, 1]))
+    plain = infonce_loss(sim, 0.07, ignore)
+    for agr, relief in ((agreement, 0.0), (None, 1.0)):
+        got, weight = stl_infonce_loss(sim, agr, 0.07, relief, ignore)
+        assert torch.allclose(got, plain) and torch.equal(weight, torch.ones(8, 8))
+
+
+def test_stl_infonce_down_weights_same_class_negatives():
+    from ssjdn.losses import stl_infonce_loss
+
+    sim = _random_sim()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    agreement = semantic_agreement(labels)
+    full, weight = stl_infonce_loss(sim, agreement, 0.07, 1.0)
+    assert torch.equal(weight.diag(), torch.ones(8)) and weight[0, 1] == 0 and weight[0, 2] == 1
+    # relief 1 on hard labels == InfoNCE with the same-class negatives left out of the softmax
+    same = (labels[:, None] == labels[None, :]) & ~torch.eye(8, dtype=torch.bool)
+    assert torch.allclose(full, infonce_loss(sim, 0.07, same))
+    (grad,) = torch.autograd.grad(full, sim)
+    assert torch.isfinite(grad).all() and grad[0, 1] == 0 and grad[0, 2] != 0
+    # a half relief lies in between and keeps a reduced gradient on the same-class pair
+    half, w_half = stl_infonce_loss(sim, agreement, 0.07, 0.5)
+    assert w_half[0, 1] == pytest.approx(0.5)
+    assert full < half < infonce_loss(sim, 0.07) or full > half > infonce_loss(sim, 0.07)

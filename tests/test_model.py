@@ -67,7 +67,7 @@ def _grad_report(model, batch):
 
 @pytest.mark.parametrize("bsd", [True, False])
 @pytest.mark.parametrize("lsd", [True, False])
-@pytest.mark.parametrize("loss", ["stl", "triplet", "infonce"])
+@pytest.mark.parametrize("loss", ["stl", "triplet", "infonce", "stl_nce"])
 def test_gradients_reach_every_enabled_module(bsd, lsd, loss):
     torch.manual_seed(0)
     model, tok = build(

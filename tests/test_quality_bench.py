@@ -49,6 +49,8 @@ def test_benchmark_writes_table_and_json_and_skips_finished_runs(tiny_data, tmp_
         str(out),
         "--jobs",
         "2",
+        "--records",
+        str(tmp_path / "records"),
     ]
     first = quality.main(argv)
     assert sorted((r["spec"]["config"], r["status"]) for r in first) == [
@@ -80,5 +82,118 @@ def test_benchmark_writes_table_and_json_and_skips_finished_runs(tiny_data, tmp_
     assert (out / "runs" / "full-s0" / "best.pt").stat().st_mtime_ns == mtime
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
 
+    # The committed records alone make a fresh OUT (another machine: no runs/) skip the finished runs.
+    records = sorted(p.name for p in (tmp_path / "records").glob("*.json"))
+    assert records == [f"{tiny_data.name}--tiny--{c}--e1--s0.json" for c in ("full", "vsepp")]
+    fresh = quality.main(
+        [*argv[: argv.index("--out") + 1], str(tmp_path / "fresh"), *argv[argv.index("--out") + 2 :]]
+    )
+    assert {r["status"] for r in fresh} == {"skipped"} and not (tmp_path / "fresh" / "runs").exists()
+    assert json.loads((tmp_path / "fresh" / "results.json").read_text())["summary"] == results["summary"]
+    # --report-only trains nothing: an unrecorded configuration is just left out
+    report = [*argv, "--report-only"]
+    report[report.index("vsepp,full")] = "vsepp,full,lsd_stl"
+    report[report.index("--out") + 1] = str(tmp_path / "report")
+    assert sorted(r["spec"]["config"] for r in quality.main(report)) == ["full", "vsepp"]
+    assert not (tmp_path / "report" / "runs").exists()
+    rec = json.loads((tmp_path / "records" / records[0]).read_text())
+    assert rec["spec"]["data"] == tiny_data.name  # portable: the folder name, not this machine's path
+    assert rec["load_avg_1m"]["mean"] >= 0 and [p["epoch"] for p in rec["curve"]] == [0, 1]
+
     with pytest.raises(SystemExit, match="different spec"):  # a changed budget never reuses an old run
-        quality.main([*argv[:-4], "--out", str(out), "--jobs", "1", "--max-steps-per-epoch", "1"])
+        quality.main([*argv[:-6], "--out", str(out), "--jobs", "1", "--max-steps-per-epoch", "1"])
+    with pytest.raises(SystemExit, match="different spec"):  # nor does a changed configuration
+        bad = dict(quality.CONFIGS["vsepp"], **{"loss.margin": 0.3})
+        try:
+            quality.CONFIGS["vsepp"], old = bad, quality.CONFIGS["vsepp"]
+            quality.main(
+                [*argv[: argv.index("--out") + 1], str(tmp_path / "fresh2"), *argv[argv.index("--out") + 2 :]]
+            )
+        finally:
+            quality.CONFIGS["vsepp"] = old
+
+
+def test_variant_configs_are_full_plus_one_bsd_change():
+    from ssjdn.config import load_config
+
+    full = quality.CONFIGS["full"]
+    for name, extra in quality.BSD_VARIANTS.items():
+        assert quality.CONFIGS[name] == {**full, **extra} and len(extra) == 1, name
+        cfg = load_config("cpu-small", quality.CONFIGS[name])
+        assert cfg.model.bsd and cfg.model.lsd and cfg.loss.name == "stl"
+    # lsd_stl is full with only BSD off; the variant keys have no effect without BSD
+    assert quality.CONFIGS["lsd_stl"] == {**full, "model.bsd": False}
+
+
+def test_convergence_mode_curves_table_and_plot(tiny_data, tmp_path):
+    out = tmp_path / "conv"
+    argv = [
+        "--data",
+        str(tiny_data),
+        "--convergence",
+        "--configs",
+        "full,full_triplet",
+        "--seeds",
+        "1",
+        "--epochs",
+        "2",
+        "--curve-every",
+        "1",
+        "--base-config",
+        "tiny",
+        "--out",
+        str(out),
+        "--jobs",
+        "1",
+        "--records",
+        str(tmp_path / "records"),
+        "--plot",
+        str(tmp_path / "img" / "convergence.png"),
+    ]
+    recs = quality.main(argv)
+    steps_per_epoch = recs[0]["curve"][-1]["step"] // 2
+    for r in recs:
+        steps = [p["step"] for p in r["curve"]]
+        # untrained, every step of epoch 1 (evaluated in the train-local process), then each epoch end
+        assert steps == [0, *range(1, steps_per_epoch), steps_per_epoch, 2 * steps_per_epoch]
+        assert all(0 <= p["val_mr"] <= 100 for p in r["curve"])
+    conv = json.loads((out / "convergence.json").read_text())
+    finals = [conv["configs"][c]["final_val_mr_mean"] for c in ("full", "full_triplet")]
+    assert conv["target"] == pytest.approx(0.8 * max(finals))
+    assert "steps to target" in (out / "convergence.md").read_text()
+    assert (tmp_path / "img" / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The extra evaluations do not change the training: same metrics as a run without the curve.
+    plain = quality.main(
+        [*argv[: argv.index("--out") + 1], str(tmp_path / "plain"), "--jobs", "1", "--records", "none"]
+        + ["--curve-every", "0"]
+    )
+    by_cfg = {r["spec"]["config"]: r for r in recs}
+    for r in plain:
+        assert r["test"] == by_cfg[r["spec"]["config"]]["test"]
+        assert [p["step"] for p in r["curve"]] == [0, steps_per_epoch, 2 * steps_per_epoch]
+
+
+def test_paired_differences_and_convergence_steps():
+    def rec(config, seed, mr, curve=()):
+        return {
+            "spec": {"config": config, "seed": seed},
+            "test": {"mr": mr},
+            "val": {"mr": mr},
+            "curve": [{"step": s, "epoch": e, "val_mr": v} for s, e, v in curve],
+        }
+
+    records = [rec("full", 0, 20.0), rec("full", 1, 22.0), rec("lsd_stl", 0, 19.0), rec("lsd_stl", 1, 19.5)]
+    p = quality.paired_differences(records, "full", "lsd_stl")
+    assert p["seeds"] == [0, 1] and p["diffs"] == [1.0, 2.5] and p["mean"] == pytest.approx(1.75)
+    records = [
+        rec("full", 0, 0, [(0, 0, 1.0), (10, None, 10.5), (52, 1, 12.0), (104, 2, 20.0)]),
+        rec("full_triplet", 0, 0, [(0, 0, 1.0), (10, None, 4.0), (52, 1, 10.0), (104, 2, 18.0)]),
+    ]
+    conv = quality.convergence(records, ["full", "full_triplet"])
+    assert conv["target"] == pytest.approx(16.0)
+    assert conv["configs"]["full"]["steps_to_target"] == [104]
+    assert conv["configs"]["full_triplet"]["steps_to_target"] == [104]
+    conv = quality.convergence(records, ["full", "full_triplet"], fraction=0.5)  # target 10
+    assert conv["configs"]["full"]["steps_to_target"] == [10]
+    assert conv["configs"]["full_triplet"]["steps_to_target"] == [52]
