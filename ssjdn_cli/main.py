@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "ssjdn_cli.data",
     "ssjdn_cli.train_local",
     "pipelines.shard.cli",
+    "pipelines.tile.cli",
     "pipelines.train.cli",
     "pipelines.embed.cli",
     "pipelines.search.cli",

@@ -237,12 +237,22 @@ def test_exact_cached_and_ann_agree_with_brute_force_over_the_snapshot_files(tmp
     engines = {
         "scan": exact_search(snapshot, queries, k=k, cache=False, batch_rows=128),
         "cache": exact_search(snapshot, queries, k=k, cache=True),
-        "ann": [hits(snapshot, "images", r, s) for r, s in zip(rows, scores)],
     }
     for name, results in engines.items():
         for (want_keys, want_scores), found in zip(truth, results):
             assert [h.key for h in found] == want_keys, name
             np.testing.assert_allclose([h.score for h in found], want_scores, rtol=0, atol=1e-6, err_msg=name)
+    # ANN is approximate and usearch builds its graph with several threads (not reproducible): its hits must be
+    # exact-search hits in exact order with exact scores, and (with this wide search) nearly all of them.
+    ann_hits = [hits(snapshot, "images", r, s) for r, s in zip(rows, scores)]
+    found_total = 0
+    for (want_keys, want_scores), found in zip(truth, ann_hits):
+        rank = {key: i for i, key in enumerate(want_keys)}
+        kept = [h for h in found if h.key in rank]
+        assert [rank[h.key] for h in kept] == sorted(rank[h.key] for h in kept)
+        np.testing.assert_allclose([h.score for h in kept], [want_scores[rank[h.key]] for h in kept], atol=1e-6)
+        found_total += len(kept)
+    assert found_total / (k * len(queries)) >= 0.95
 
 
 def _overwrite(path, offset: int, n: int = 200) -> None:
