@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "pipelines.train.cli",
     "pipelines.embed.cli",
     "pipelines.search.cli",
+    "pipelines.serve.cli",
     "ssjdn_cli.demo",
 )
 
