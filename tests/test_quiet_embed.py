@@ -38,6 +38,7 @@ def test_embed_output_has_no_ray_noise_and_names_the_log_file(tmp_path):
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("SSJDN_LIBRARY_LOGS_ON_CONSOLE", None)
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, whatever cluster another test left running
     cmd = [sys.executable, "-m", "ssjdn_cli.main", "embed", str(data), str(tmp_path / "store")]
     cmd += ["--checkpoint", str(tmp_path / "run")]  # a run folder: its best.pt (issue 19)
     try:
@@ -58,5 +59,6 @@ def test_embed_output_has_no_ray_noise_and_names_the_log_file(tmp_path):
     files = list(logs.glob("ssjdn-embed-*.log"))
     assert len(files) == 1 and str(files[0]) in named[0], (files, named)
     text = files[0].read_text()
-    assert "Started a local Ray instance" in text and "streaming_executor" in text, text[:2000]
+    # Ray's own lines are in the file (which ones depends on whether Ray started fresh or found its temp dir).
+    assert "streaming_executor" in text and "Dataset" in text, text[:2000]
     assert "using " in output and "best.pt" in output  # the run folder resolved to its checkpoint
