@@ -96,6 +96,21 @@ class Hit:
         out.update(extra)
         return out
 
+    @classmethod
+    def from_record(cls, rank: int, score: float, rec: dict[str, Any]) -> Hit:
+        """A hit from one stored row's metadata (the store's column names -> the hit's fields)."""
+        return cls(
+            rank=rank,
+            score=float(score),
+            key=rec["key"],
+            source=rec["source"],
+            split=rec["split"],
+            class_name=rec["class"],
+            lat=rec["lat"],
+            lon=rec["lon"],
+            extra={c: rec[c] for c in CAPTION_COLUMNS if c in rec},
+        )
+
 
 @dataclass
 class QueryResult:
@@ -124,19 +139,7 @@ def hits(snapshot: Snapshot, table: str, rows: np.ndarray, scores: np.ndarray) -
     records = snapshot.take(table, rows, meta_columns(table)).to_pylist()
     out = []
     for rank, (score, rec) in enumerate(zip(scores, records), start=1):
-        out.append(
-            Hit(
-                rank=rank,
-                score=float(score),
-                key=rec["key"],
-                source=rec["source"],
-                split=rec["split"],
-                class_name=rec["class"],
-                lat=rec["lat"],
-                lon=rec["lon"],
-                extra={c: rec[c] for c in CAPTION_COLUMNS if c in rec},
-            )
-        )
+        out.append(Hit.from_record(rank, score, rec))
     return out
 
 

@@ -52,7 +52,7 @@ from pipelines.search.scan import scan_topk
 from pipelines.search.topk import normalize
 from pipelines.search.where import columns_of, parse_where, to_arrow
 from pipelines.store.reader import EmbeddingStore, Snapshot
-from pipelines.store.schema import CAPTION_COLUMNS, KEY, TABLES, StoreError, meta_columns
+from pipelines.store.schema import KEY, TABLES, StoreError, meta_columns
 
 log = logging.getLogger(__name__)
 
@@ -900,20 +900,7 @@ class Searcher:
         for rows, scores in kept:
             hits = []
             for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist()), start=1):
-                rec = records[row]
-                hits.append(
-                    Hit(
-                        rank=rank,
-                        score=float(score),
-                        key=rec["key"],
-                        source=rec["source"],
-                        split=rec["split"],
-                        class_name=rec["class"],
-                        lat=rec["lat"],
-                        lon=rec["lon"],
-                        extra={c: rec[c] for c in CAPTION_COLUMNS if c in rec},
-                    )
-                )
+                hits.append(Hit.from_record(rank, score, records[row]))
             out.append(hits)
         return out
 
