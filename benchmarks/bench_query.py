@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.search.ann import build_ann
+from pipelines.search.exact import exact_topk
 from pipelines.search.matrix_cache import build_cache
-from pipelines.search.query import exact_topk, hits
+from pipelines.search.results import hits
 from pipelines.store.reader import EmbeddingStore
 from pipelines.store.schema import build_table
 from pipelines.store.writer import VersionWriter

@@ -40,7 +40,7 @@ def main() -> None:
     from benchmarks.local_s3 import local_s3
     from pipelines.embed.job import embed_archive
     from pipelines.encoders import read_checkpoint, restore_encoders
-    from pipelines.search.query import exact_topk
+    from pipelines.search.exact import exact_topk
     from pipelines.shard.job import shard_dataset
     from pipelines.store.reader import EmbeddingStore
     from pipelines.store.schema import embeddings_to_numpy

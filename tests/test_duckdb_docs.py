@@ -9,7 +9,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from pipelines.search.query import exact_search
+from pipelines.search.exact import exact_search
 from pipelines.store.reader import EmbeddingStore
 from pipelines.store.schema import build_table
 from pipelines.store.writer import VersionWriter

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.search.ann import build_ann, load_ann
+from pipelines.search.exact import exact_search
 from pipelines.search.matrix_cache import cache_root, load_cache
-from pipelines.search.query import exact_search, hits
+from pipelines.search.results import hits
 from pipelines.search.where import FilterError, parse_where, to_arrow, to_sql
 from pipelines.store import reader
 from pipelines.store.reader import forget_verified_files

@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from pipelines.search.query import QueryResult
+from pipelines.search.results import QueryResult
 
 COLUMNS = [
     ("i2t_r1", "I→T R@1"),

@@ -17,7 +17,7 @@ from collections import defaultdict
 from typing import Any
 
 from pipelines.fsio import get_fs
-from pipelines.search.query import Hit
+from pipelines.search.results import Hit
 from pipelines.shard.layout import split_member_uri
 
 log = logging.getLogger(__name__)

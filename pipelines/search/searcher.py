@@ -47,7 +47,7 @@ from pipelines.errors import PipelineError
 from pipelines.search.ann import DEFAULTS as ANN_DEFAULTS
 from pipelines.search.ann import AnnIndex, build_ann, load_ann
 from pipelines.search.matrix_cache import MatrixCache, get_cache, load_cache
-from pipelines.search.query import Hit, QueryResult
+from pipelines.search.results import Hit, QueryResult
 from pipelines.search.scan import scan_topk
 from pipelines.search.topk import normalize
 from pipelines.search.where import columns_of, parse_where, to_arrow
