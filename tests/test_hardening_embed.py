@@ -1,5 +1,5 @@
-"""Issue 19 (2): the embedding job never commits a tar that did not read to its end, and never reports a unit
-whose source changed since it was committed as done ("nothing new")."""
+"""Issue 19 (2): the embedding job never commits a tar that did not read to its end, and re-embeds a unit whose
+source changed since it was committed (never "nothing new")."""
 
 from __future__ import annotations
 
@@ -34,42 +34,43 @@ def _tar(path: Path, images: list[Path]) -> bytes:
     return path.read_bytes()
 
 
-def test_a_unit_whose_tar_changed_since_its_commit_fails_instead_of_nothing_new(tiny, tmp_path, capsys):
-    """Old behaviour: a warning, "nothing new", exit 0. Now the unit is a failed unit (exit 1) with the reason."""
+@pytest.mark.integration
+def test_a_unit_whose_tar_changed_since_its_commit_is_re_embedded_in_place(tiny, tmp_path, ray_local, capsys):
+    """Old behaviour: a warning, "nothing new", exit 0, the store keeping rows of a tar that no longer exists.
+    Now the changed unit is embedded again and its old rows leave the version in the commit that adds the new
+    ones; a reader still on the older snapshot keeps reading the old rows."""
     from pipelines.embed.job import embed_archive
-    from pipelines.embed.sources import discover
-    from pipelines.encoders import read_checkpoint, restore_encoders
     from pipelines.store.reader import EmbeddingStore
-    from pipelines.store.schema import build_table
-    from pipelines.store.writer import VersionWriter
     from ssjdn_cli.main import main
 
     archive = tmp_path / "tars"
     archive.mkdir()
     _tar(archive / "a.tar", tiny["images"][:3])
-    (unit,) = discover(str(archive))[1]
-    # The store as a run before the tar was rewritten left it: unit a.tar committed with its old signature.
-    blob = read_checkpoint(str(tiny["ckpt"]))
-    enc = restore_encoders(blob)
-    store = EmbeddingStore(str(tmp_path / "store"))
-    writer = VersionWriter(store, blob.model_id, enc.model_info(blob, "float32"))
-    empty = build_table("images", {}, _zeros(0, writer.dim), dim=writer.dim, model_id=blob.model_id)
-    writer.stage(
-        {**{k: unit[k] for k in ("id", "kind", "url", "split", "fingerprint")}, "bad": []}, {"images": empty}
-    )
-    writer.commit()
-    writer.close()
+    _tar(archive / "b.tar", tiny["images"][3:5])
+    store_url = str(tmp_path / "store")
+    report = embed_archive(str(archive), store_url, str(tiny["ckpt"]), progress=False)
+    assert report.units_embedded == 2 and not report.failed_units
+    store = EmbeddingStore(store_url)
+    before = store.snapshot()
+    old_a = {f["path"] for f in store.manifest().files if f["unit"] == "a.tar"}
+    old_b = [f for f in store.manifest().files if f["unit"] == "b.tar"]
 
-    report = embed_archive(str(archive), store.url, str(tiny["ckpt"]), progress=False)
-    assert not report.failed_units and report.units_done_before == 1  # unchanged: done, nothing to do
+    _tar(archive / "a.tar", tiny["images"][5:9])  # rewritten in place: other images, size and mtime
+    report = embed_archive(str(archive), store_url, str(tiny["ckpt"]), progress=False)
+    assert report.changed_units == ["a.tar"] and report.replaced_units == ["a.tar"], report.summary()
+    assert report.units_embedded == 1 and report.images == 4 and not report.failed_units
+    manifest = store.manifest()
+    assert manifest.generation == before.generation + 1  # old rows out, new rows in: one commit
+    keys = store.snapshot().read_table(columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == sorted(p.stem for p in tiny["images"][3:9])
+    assert [f for f in manifest.files if f["unit"] == "b.tar"] == old_b  # untouched
+    assert {r["path"] for r in manifest.retired} == old_a
+    old_keys = before.read_table(columns=["key"]).column("key").to_pylist()  # the older generation still reads
+    assert sorted(old_keys) == sorted(p.stem for p in tiny["images"][:5])
 
-    _tar(archive / "a.tar", tiny["images"][:4])  # rewritten in place: other size and mtime
-    report = embed_archive(str(archive), store.url, str(tiny["ckpt"]), progress=False)
-    assert report.changed_units == ["a.tar"] and report.units_done_before == 0
-    assert [f["unit"] for f in report.failed_units] == ["a.tar"]
-    assert "source changed since it was embedded" in report.failed_units[0]["reason"]
-    assert main(["embed", str(archive), store.url, "--checkpoint", str(tiny["ckpt"]), "--no-progress"]) == 1
-    assert "1 unit(s) failed" in capsys.readouterr().out
+    assert main(["embed", str(archive), store_url, "--checkpoint", str(tiny["ckpt"]), "--no-progress"]) == 0
+    assert "0 unit(s) failed" in capsys.readouterr().out
+    assert store.manifest().generation == manifest.generation  # nothing new
 
 
 def _zeros(n: int, dim: int):

@@ -155,6 +155,53 @@ def test_committed_unit_cannot_be_rewritten(tmp_path):
         writer.stage({"id": "test/shard-000000.tar"}, {"images": t})
 
 
+def test_a_replaced_unit_swaps_its_files_in_one_commit_and_old_files_outlive_readers(tmp_path):
+    """A changed unit's new rows replace its old ones in the same manifest update; readers of the older
+    generation still read the old files; a later commit past the grace period deletes them; a second writer
+    replacing the same entry after the first one is dropped, not committed twice."""
+    from pipelines.store.writer import replacement_token
+
+    store = EmbeddingStore(str(tmp_path / "store"))
+    mid = fake_model_id("replace")
+    model = {"dim": 16, "dtype": "float32"}
+    first = VersionWriter(store, mid, model)
+    first.stage({"id": "a.tar", "fingerprint": "v1"}, _unit(mid, 4, 1))
+    first.stage({"id": "b.tar", "fingerprint": "b1"}, _unit(mid, 2, 2))
+    first.commit()
+    first.close()
+    old = store.snapshot(mid)
+    old_paths = {f["path"] for f in store.manifest(mid).files if f["unit"] == "a.tar"}
+    prior = store.manifest(mid).unit_map()["a.tar"]
+
+    again = VersionWriter(store, mid, model, retire_grace_s=3600)
+    late = VersionWriter(store, mid, model)  # saw the same entry, replaces it after `again` did
+    again.stage({"id": "a.tar", "fingerprint": "v2"}, _unit(mid, 3, 7), replaces=replacement_token(prior))
+    late.stage({"id": "a.tar", "fingerprint": "v2"}, _unit(mid, 3, 7), replaces=replacement_token(prior))
+    assert again.commit() == 1 and again.replaced == ["a.tar"]
+    assert late.commit() == 0 and late.superseded == ["a.tar"] and late.replaced == []
+    manifest = store.manifest(mid)
+    a_files = [f for f in manifest.files if f["unit"] == "a.tar"]
+    assert {f["path"] for f in a_files}.isdisjoint(old_paths) and sum(f["rows"] for f in a_files) == 3
+    assert manifest.unit_map()["a.tar"]["fingerprint"] == "v2" and manifest.rows("images") == 5
+    assert {r["path"] for r in manifest.retired} == old_paths
+    new_keys = store.snapshot(mid).read_table(columns=["key"]).column("key").to_pylist()
+    assert sorted(new_keys) == sorted(image_columns(7, 3)["key"] + image_columns(2, 2)["key"])
+    # A reader still on the old generation reads the old rows (files kept, checksums intact).
+    assert sorted(old.read_table(columns=["key"]).column("key").to_pylist()) == sorted(
+        image_columns(1, 4)["key"] + image_columns(2, 2)["key"]
+    )
+    # Past the grace period, the next commit deletes the retired files (and only those).
+    gc = VersionWriter(store, mid, model, retire_grace_s=0)
+    gc.stage({"id": "c.tar", "fingerprint": "c1"}, _unit(mid, 2, 3))
+    gc.commit()
+    gc.close()
+    assert store.manifest(mid).retired == []
+    version = tmp_path / "store" / mid
+    assert not any((version / p).exists() for p in old_paths)
+    assert all((version / f["path"]).exists() for f in store.manifest(mid).files)
+    assert store.snapshot(mid).rows("images") == 7
+
+
 def _unit(mid: str, n: int, seed: int) -> dict:
     return {
         "images": build_table(

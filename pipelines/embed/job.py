@@ -52,7 +52,8 @@ class EmbedReport:
     captions: int = 0
     bad: list[dict[str, str]] = field(default_factory=list)
     failed_units: list[dict[str, str]] = field(default_factory=list)
-    changed_units: list[str] = field(default_factory=list)
+    changed_units: list[str] = field(default_factory=list)  # committed units whose source changed since
+    replaced_units: list[str] = field(default_factory=list)  # of those, the ones this run re-embedded
     seconds: float = 0.0
     # job start -> first embeddings back at the driver (actor start-up and model load)
     first_result_s: float | None = None
@@ -62,8 +63,9 @@ class EmbedReport:
 
     def summary(self) -> str:
         return (
-            f"embedded {self.images} images and {self.captions} captions from {self.units_embedded} new unit(s) "
-            f"({self.units_done_before} already in the store, {len(self.bad)} bad sample(s) skipped, "
+            f"embedded {self.images} images and {self.captions} captions from {self.units_embedded} unit(s) "
+            f"({len(self.replaced_units)} replacing changed ones, {self.units_done_before} already in the store, "
+            f"{len(self.bad)} bad sample(s) skipped, "
             f"{len(self.failed_units)} unit(s) failed) into {self.version_url} in {self.seconds:.1f}s"
         )
 
@@ -307,25 +309,19 @@ def embed_archive(
         store_url=store.url,
         version_url=store.version_url(blob.model_id),
         archive_kind=kind,
-        units_total=len(todo) + complete + len(changed),
+        units_total=len(todo) + complete,
         units_done_before=complete,
         changed_units=changed,
     )
-    # A changed unit's committed rows no longer match its source. The store cannot replace a committed unit
-    # yet (VersionWriter is append-only), so it fails loudly instead of being skipped as done.
-    prior_units, changed_ids = writer.done(), set(changed)
-    for unit in (u for u in shard_units if u["id"] in changed_ids):
-        reason = change_reason(unit, prior_units[unit["id"]])
-        report.failed_units.append(
-            {"unit": unit["id"], "reason": f"not re-embedded: {reason}; embed it into a fresh store"}
-        )
+    prior_units = writer.done()
+    for uid in changed:
+        unit = next(u for u in shard_units if u["id"] == uid)
+        log.info("re-embedding %s: %s", uid, change_reason(unit, prior_units[uid]))
     if not todo:
         report.seconds = time.monotonic() - t0
         log.info(
             "nothing new in %s for model %s: store %s unchanged", archive_url, blob.model_id[:12], store.url
         )
-        for f in report.failed_units:
-            log.error("unit not embedded: %s: %s", f["unit"], f["reason"])
         return report
     log.info(
         "embedding %d unit(s) of %s (%s; %d already in the store) with model %s -> %s",
@@ -363,6 +359,7 @@ def embed_archive(
 
             ray.shutdown()
     report.seconds = time.monotonic() - t0
+    report.replaced_units = list(writer.replaced)
     for b in report.bad:
         log.warning("bad sample skipped: %s: %s", b["key"], b["reason"])
     for f in report.failed_units:
@@ -497,7 +494,7 @@ def _finish_unit(
     if unit["kind"] == "files":
         entry["keys"] = sorted(s["key"] for s in unit["samples"])
     entry["bad"] = buf.bad
-    writer.stage(entry, out)
+    writer.stage(entry, out, replaces=unit.get("replaces"))
     report.units_embedded += 1
     report.images += out["images"].num_rows if "images" in out else 0
     report.captions += out["captions"].num_rows if "captions" in out else 0

@@ -32,6 +32,7 @@ from typing import Any
 from pipelines.errors import PipelineError
 from pipelines.fsio import full_url, get_fs, is_local, read_json, safe_join
 from pipelines.shard.layout import member_uri
+from pipelines.store.writer import replacement_token
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +225,9 @@ def plan_units(
     """(units to embed, units already complete, ids of committed tar units that changed since: `change_reason`).
 
     A unit is complete when every requested table is committed for it; a unit that has images but now also
-    needs captions is planned for the missing table only (`tables` on the unit). A changed unit is neither
-    complete nor planned: its committed rows no longer match its source, and adding a table to them would mix
-    two versions of the source under one unit.
+    needs captions is planned for the missing table only (`tables` on the unit). A changed unit is planned
+    again whole - every requested table and every table it had - with `replaces` (the committed entry's
+    `replacement_token`): its commit swaps the old rows for the new ones in one manifest update.
     """
     todo, complete, changed = [], 0, []
     for unit in shard_units:
@@ -234,6 +235,8 @@ def plan_units(
         missing = tuple(t for t in tables if prior is None or prior.get(t) is None)
         if prior is not None and change_reason(unit, prior) is not None:
             changed.append(unit["id"])
+            again = [t for t in ("images", "captions") if t in tables or prior.get(t) is not None]
+            todo.append({**unit, "tables": again, "replaces": replacement_token(prior)})
         elif missing:
             todo.append({**unit, "tables": list(missing)})
         else:

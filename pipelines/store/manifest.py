@@ -55,6 +55,9 @@ class Manifest:
     created_at: str = ""
     updated_at: str = ""
     generation: int = 0
+    # Files a replaced unit no longer uses: unlisted (no new reader sees them) but kept for a grace period, so a
+    # reader that opened an older generation can finish; each entry has `path`, `retired_at` (unix seconds).
+    retired: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], where: str) -> Manifest:
@@ -69,6 +72,7 @@ class Manifest:
                 created_at=doc.get("created_at", ""),
                 updated_at=doc.get("updated_at", ""),
                 generation=int(doc.get("generation", 0)),
+                retired=list(doc.get("retired", [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
@@ -83,6 +87,7 @@ class Manifest:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "generation": self.generation,
+            "retired": self.retired,
         }
 
     @property

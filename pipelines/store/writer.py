@@ -8,6 +8,13 @@ the staged files to their final names (deterministic per unit) and publishes the
 compare-and-swap, re-merging on a conflict. Readers list files from the manifest only, so a killed run leaves
 nothing visible.
 
+A unit whose source changed is *replaced*: `stage(unit, tables, replaces=...)` names the committed entry it
+supersedes (its fingerprint and commit time, as the run saw them). Its new files get names of their own (the
+run id in them), and the commit that lists them unlists the old entry's files in the same manifest update, so
+a reader sees the old rows or the new ones, never both. The old files are kept (`retired` in the manifest) for
+`retire_grace_s`, for readers still on an older generation, and deleted by a later commit. If another writer
+changed that entry first, this run's copy is dropped, as for any unit committed meanwhile.
+
 Several writers may work on one version at once (two `ssjdn embed` runs over different splits): every run
 keeps a lease (`_staging/{run_id}.lease.json`: host, pid, expiry), and a writer clears only the staging
 folders of runs that are dead (same host and the process is gone, or the lease expired).
@@ -64,6 +71,7 @@ from pipelines.store.schema import (
 log = logging.getLogger(__name__)
 
 RUN_LEASE_S = 3600.0  # a run on another host that has not renewed its lease for this long is dead
+RETIRE_GRACE_S = 3600.0  # a replaced unit's old files outlive their last generation by this long
 MAX_COMMIT_ATTEMPTS = 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -105,6 +113,12 @@ class StagedUnit:
     unit: dict[str, Any]
     files: list[tuple[str, str, dict[str, Any]]]  # (staged path, final path, manifest file entry)
     moved: bool = False
+    replaces: dict[str, Any] | None = None  # the committed entry this unit supersedes (fingerprint, committed_at)
+
+
+def replacement_token(entry: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a committed unit entry for `stage(..., replaces=)`: unchanged until it is replaced."""
+    return {"fingerprint": entry.get("fingerprint"), "committed_at": entry.get("committed_at")}
 
 
 def _alive(lease: dict[str, Any]) -> bool:
@@ -137,6 +151,7 @@ class VersionWriter:
         max_rows_per_file: int = DEFAULT_MAX_ROWS_PER_FILE,
         run_id: str | None = None,
         lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+        retire_grace_s: float = RETIRE_GRACE_S,
     ) -> None:
         if max_rows_per_file < 1:
             raise ValueError("max_rows_per_file must be at least 1")
@@ -146,6 +161,7 @@ class VersionWriter:
         self.base = store.version_path(model_id)
         self.max_rows_per_file = max_rows_per_file
         self.lock_timeout_s = lock_timeout_s
+        self.retire_grace_s = retire_grace_s
         self.run_id = run_id or f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
         self.staging = safe_join(self.base, STAGING, self.run_id)
         self.lease_path = safe_join(self.base, STAGING, self.run_id + LEASE_SUFFIX)
@@ -160,6 +176,9 @@ class VersionWriter:
             self.manifest = existing
         self.pending: list[StagedUnit] = []
         self.superseded: list[str] = []  # units another writer committed first (this run's copy was dropped)
+        self.replaced: list[str] = []  # units whose old entry this run's commits replaced
+        self._expired: list[dict[str, Any]] = []  # retired files the manifest being written stops keeping
+        self._replacing: list[str] = []  # units the manifest being written replaces
 
     def _check_compatible(self, existing: Manifest) -> None:
         for k in ("dim", "dtype"):
@@ -233,15 +252,21 @@ class VersionWriter:
 
     # ------------------------------------------------------------------------------------------ staging
 
-    def stage(self, unit: dict[str, Any], tables: dict[str, pa.Table]) -> None:
+    def stage(
+        self, unit: dict[str, Any], tables: dict[str, pa.Table], *, replaces: dict[str, Any] | None = None
+    ) -> None:
         """Write one unit's tables to staging (bounded rows per file). `unit` must have an `id`.
 
         The unit entry records per table the row count (`images`, `captions`: int or None when not embedded).
+        `replaces`: the `replacement_token` of the committed entry this unit supersedes (its source changed);
+        the commit then swaps the old entry's files for these.
         """
         unit = dict(unit)
         unit_id = unit["id"]
-        prior = self.done().get(unit_id)
-        slug = unit_slug(unit_id)
+        prior = None if replaces is not None else self.done().get(unit_id)
+        # A replacement's files must not take a name an older copy of the unit used (it may still be listed, or
+        # retired and due for deletion): the run id makes them new.
+        slug = unit_slug(unit_id) + (f"-{self.run_id}" if replaces is not None else "")
         self._renew_lease()
         files = []
         for table, data in tables.items():
@@ -269,7 +294,7 @@ class VersionWriter:
                     "bytes": size,
                 }
                 files.append((staged, safe_join(self.base, rel), entry))
-        self.pending.append(StagedUnit(unit=unit, files=files))
+        self.pending.append(StagedUnit(unit=unit, files=files, replaces=replaces))
 
     def _write_parquet(self, table: pa.Table, path: str) -> tuple[str, int]:
         if is_local(self.fs):
@@ -313,7 +338,7 @@ class VersionWriter:
                     self._check_compatible(latest)
                 merged, committed = self._merge(latest, lock)
                 if committed == 0:  # everything was committed by other writers first
-                    merged = latest
+                    merged, self._expired, self._replacing = latest, [], []
                     break
                 try:
                     with_retries(
@@ -332,6 +357,8 @@ class VersionWriter:
                 )
         if merged is not None:
             self.manifest = merged
+            self.replaced += [u for u in self._replacing if u not in self.replaced]
+            self._delete_expired(merged)
         self.pending = []
         log.info(
             "committed %d unit(s) to %s (generation %d)",
@@ -362,6 +389,8 @@ class VersionWriter:
             theirs = units.get(uid, {})
             tables = [t for t in ("images", "captions") if staged.unit.get(t) is not None]
             clash = [t for t in tables if theirs.get(t) is not None]
+            if staged.replaces is not None:  # a replacement clashes when the entry it replaces is gone
+                clash = tables if theirs and replacement_token(theirs) != staged.replaces else []
             if clash and not staged.moved:
                 log.warning(
                     "unit %s (%s) was committed to %s by another writer meanwhile; this run's copy is dropped",
@@ -386,13 +415,18 @@ class VersionWriter:
                     lock.renew()
                 staged.moved = True
             kept.append(staged)
+        retired = self._still_retired(base.retired)
+        self._replacing = []
         for staged in kept:
             uid = staged.unit["id"]
             prior = units.get(uid)
             unit = dict(staged.unit)
-            if (
-                prior is not None
-            ):  # a unit that gains a table (e.g. captions added later) keeps the old counts
+            if staged.replaces is not None and prior is not None:
+                old = [f for f in files if f.get("unit") == uid]
+                files = [f for f in files if f.get("unit") != uid]
+                retired += [{"path": f["path"], "unit": uid, "retired_at": time.time()} for f in old]
+                self._replacing.append(uid)
+            elif prior is not None:  # a unit that gains a table (e.g. captions added later) keeps the old counts
                 unit = {**prior, **{k: v for k, v in unit.items() if v is not None}}
             units[uid] = {**unit, "committed_at": now}
             files.extend(entry for _, _, entry in staged.files if entry["path"] not in listed)
@@ -405,8 +439,25 @@ class VersionWriter:
             created_at=base.created_at or now,
             updated_at=now,
             generation=base.generation + 1,
+            retired=retired,
         )
+        self._expired = [r for r in base.retired if r not in retired]
         return merged, len(kept)
+
+    def _still_retired(self, retired: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The retired files still within their grace period (the others are deleted after this commit)."""
+        cutoff = time.time() - self.retire_grace_s
+        return [r for r in retired if float(r.get("retired_at", 0)) > cutoff]
+
+    def _delete_expired(self, merged: Manifest) -> None:
+        """Delete the retired files the manifest just written no longer keeps (never a listed file)."""
+        listed = {f["path"] for f in merged.files}
+        for entry in self._expired:
+            if entry["path"] in listed:
+                continue
+            with contextlib.suppress(FileNotFoundError, OSError):
+                self.fs.rm(safe_join(self.base, entry["path"]))
+        self._expired = []
 
     def close(self) -> None:
         """Remove this run's (now empty) staging folder and its lease."""
