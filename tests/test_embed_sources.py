@@ -79,11 +79,13 @@ def test_listing_and_changed_shards(tmp_path, dataset):
     kind, units, samples = discover(str(listing))
     assert kind == "listing" and [s["source"] for s in samples] == paths
     shard = {"id": "test/shard-000000.tar", "kind": "shard", "url": "x", "fingerprint": "new"}
-    todo, complete, changed = plan_units(
-        [shard], [], {shard["id"]: {"images": 3, "fingerprint": "old"}}, ("images", "captions")
-    )
-    # changed: neither done nor planned (not even for the missing captions table: that would mix two sources)
-    assert not todo and complete == 0 and changed == ["test/shard-000000.tar"]
+    prior = {"images": 3, "fingerprint": "old", "committed_at": "t0"}
+    todo, complete, changed = plan_units([shard], [], {shard["id"]: prior}, ("images",))
+    # changed: planned again whole, as a replacement of the committed entry it saw
+    assert complete == 0 and changed == ["test/shard-000000.tar"]
+    assert todo == [{**shard, "tables": ["images"], "replaces": {"fingerprint": "old", "committed_at": "t0"}}]
+    with_captions = plan_units([shard], [], {shard["id"]: {**prior, "captions": 15}}, ("images",))[0]
+    assert with_captions[0]["tables"] == ["images", "captions"]  # every table it had, not only those asked
     assert member_uri("s3://b/s.tar", "k.jpg") == "tar://k.jpg::s3://b/s.tar"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         discover(str(tmp_path / "nothing-here"))
@@ -171,7 +173,7 @@ def test_bare_tars_carry_a_source_signature_and_a_rewritten_tar_is_changed(tmp_p
     os.utime(folder / "b.tar", ns=(1, 1))  # same bytes, touched: other mtime
     units = discover(str(folder))[1]
     todo, complete, changed = plan_units(units, [], done, ("images",))
-    assert (todo, complete, changed) == ([], 0, ["a.tar", "b.tar"])
+    assert [u["id"] for u in todo] == changed == ["a.tar", "b.tar"] and complete == 0
     assert "source changed since it was embedded" in change_reason(units[0], done["a.tar"])
     # a listing of tars gets the same signatures (one folder listing, not one request per tar)
     (tmp_path / "list.txt").write_text(f"{folder / 'a.tar'}\n{folder / 'b.tar'}\n")
@@ -182,6 +184,7 @@ def test_bare_tars_carry_a_source_signature_and_a_rewritten_tar_is_changed(tmp_p
 def test_units_committed_from_a_broken_tar_by_an_older_version_are_flagged():
     unit = {"id": "a.tar", "kind": "shard", "url": "a.tar", "fingerprint": None}
     prior = {"id": "a.tar", "images": 5, "bad": [{"key": "?", "reason": "ReadError: unexpected end of data"}]}
-    assert plan_units([unit], [], {"a.tar": prior}, ("images",)) == ([], 0, ["a.tar"])
+    todo, complete, changed = plan_units([unit], [], {"a.tar": prior}, ("images",))
+    assert [u["id"] for u in todo] == changed == ["a.tar"] and complete == 0
     assert "did not read to its end" in change_reason(unit, prior)
     assert change_reason(unit, {**prior, "bad": [{"key": "k1", "reason": "not an image"}]}) is None

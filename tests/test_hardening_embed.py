@@ -106,3 +106,38 @@ def test_a_tar_cut_in_the_middle_is_not_committed_and_is_embedded_once_restored(
     keys = EmbeddingStore(store_url).snapshot().read_table(columns=["key"]).column("key").to_pylist()
     assert sorted(keys) == sorted(p.stem for p in tiny["images"][:13])
     assert os.path.getsize(archive / "a.tar") == len(whole)
+
+
+def test_image_links_out_of_the_archive_are_refused_unless_followed(tiny, tmp_path):
+    """An image folder whose files include a link to a file outside it (and one to a non-image secret): both are
+    refused with the reason, never read; a link inside the folder is fine; `--follow-symlinks` reads them."""
+    from pipelines.embed.job import embed_archive
+    from pipelines.embed.sources import discover
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "elsewhere.jpg").write_bytes(tiny["images"][0].read_bytes())
+    (outside / "secret.jpg").write_text("SECRET-TEXT-7f3a")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "real.jpg").write_bytes(tiny["images"][1].read_bytes())
+    (folder / "inside.jpg").symlink_to(folder / "real.jpg")
+    (folder / "out.jpg").symlink_to(outside / "elsewhere.jpg")
+    (folder / "secret.jpg").symlink_to(outside / "secret.jpg")
+
+    _, _, samples = discover(str(folder))
+    refused = {s["key"].rsplit("__", 1)[-1]: s["refused"] for s in samples if s.get("refused")}
+    assert sorted(refused) == ["out", "secret"], refused
+    assert all("symbolic link out of the dataset root" in r and "--follow-symlinks" in r for r in refused.values())
+    _, _, followed = discover(str(folder), follow_symlinks=True)
+    assert not any(s.get("refused") for s in followed) and len(followed) == 4
+
+    # Only refused images left to do: reported as bad samples, nothing read, nothing committed.
+    only_links = tmp_path / "links"
+    only_links.mkdir()
+    (only_links / "out.jpg").symlink_to(outside / "elsewhere.jpg")
+    (only_links / "secret.jpg").symlink_to(outside / "secret.jpg")
+    report = embed_archive(str(only_links), str(tmp_path / "store"), str(tiny["ckpt"]), progress=False)
+    assert report.units_total == 0 and report.images == 0
+    assert sorted(b["key"].rsplit("__", 1)[-1] for b in report.bad) == ["out", "secret"]
+    assert "SECRET-TEXT" not in str(report.to_json())

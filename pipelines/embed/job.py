@@ -302,7 +302,12 @@ def embed_archive(
     writer = VersionWriter(store, blob.model_id, enc.model_info(blob, options.dtype), **writer_kwargs)
     tables = ("images", "captions") if options.captions else ("images",)
     splits = list(options.splits) if options.splits else None
-    kind, shard_units, samples = discover(archive_url, storage_options, splits=splits)
+    kind, shard_units, samples = discover(
+        archive_url, storage_options, splits=splits, follow_symlinks=options.follow_symlinks
+    )
+    refused = [x for x in shard_units + samples if x.get("refused")]
+    shard_units = [u for u in shard_units if not u.get("refused")]
+    samples = [s for s in samples if not s.get("refused")]
     todo, complete, changed = plan_units(shard_units, samples, writer.done(), tables, options.chunk_size)
     report = EmbedReport(
         model_id=blob.model_id,
@@ -313,10 +318,16 @@ def embed_archive(
         units_done_before=complete,
         changed_units=changed,
     )
+    # Refused, never read; not part of any unit, so a later run with --follow-symlinks embeds them.
+    report.bad.extend(
+        {"unit": None, "key": x.get("key") or x["id"], "reason": x["refused"]} for x in refused
+    )
     prior_units = writer.done()
     for uid in changed:
         unit = next(u for u in shard_units if u["id"] == uid)
         log.info("re-embedding %s: %s", uid, change_reason(unit, prior_units[uid]))
+    for b in report.bad:
+        log.warning("refused: %s", b["reason"])
     if not todo:
         report.seconds = time.monotonic() - t0
         log.info(
@@ -361,7 +372,8 @@ def embed_archive(
     report.seconds = time.monotonic() - t0
     report.replaced_units = list(writer.replaced)
     for b in report.bad:
-        log.warning("bad sample skipped: %s: %s", b["key"], b["reason"])
+        if b.get("unit") is not None:  # the refused ones were reported before the run
+            log.warning("bad sample skipped: %s: %s", b["key"], b["reason"])
     for f in report.failed_units:
         log.error("unit not embedded (re-run to retry): %s: %s", f["unit"], f["reason"])
     if options.build_ann and report.images:

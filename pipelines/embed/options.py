@@ -40,6 +40,11 @@ class EmbedOptions:
     build_ann: bool = option(
         False, flag="--ann", action="store_true", help="(re)build the ANN index of the version afterwards"
     )
+    follow_symlinks: bool = option(
+        False,
+        action="store_true",
+        help="read local files through symbolic links that lead out of the archive (default: refuse them)",
+    )
     ray_address: str | None = option(None, help="Ray cluster to use (default: RAY_ADDRESS or a local Ray)")
     storage_options: dict[str, Any] = option(
         default_factory=dict,

@@ -131,8 +131,13 @@ def discover(
     storage_options: dict[str, Any] | None = None,
     *,
     splits: list[str] | None = None,
+    follow_symlinks: bool = False,
 ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
-    """(archive kind, shard units, image samples) of an archive; exactly one of the two lists is non-empty."""
+    """(archive kind, shard units, image samples) of an archive; exactly one of the two lists is non-empty.
+
+    Local files reached through a symbolic link that leads out of the archive's folder (a dataset's: its image
+    roots) carry `refused` (the reason) unless `follow_symlinks`: the caller reports them, never reads them.
+    """
     from ssjdn.data.record import make_key
 
     fs, root = get_fs(archive_url, storage_options)
@@ -167,9 +172,10 @@ def discover(
         stem = posixpath.splitext(posixpath.basename(root))[0]
         return "listing", [], [_image_sample(make_key(stem, u.rsplit("/", 1)[-1]), u) for u in urls]
     if is_local(fs):
-        samples = _dataset_samples(root, want)
-        if samples is not None:
-            return "dataset", [], samples
+        found_ds = _dataset_samples(root, want)
+        if found_ds is not None:
+            samples, roots = found_ds
+            return "dataset", [], _guard(samples, roots, follow_symlinks)
     if fs.isdir(root):
         found = fs.find(root, detail=True)
         tars = sorted(p for p in found if p.endswith(".tar"))
@@ -180,15 +186,14 @@ def discover(
                 )
                 for p in tars
             ]
-            return "tar-folder", units, []
+            return "tar-folder", _guard(units, [root], follow_symlinks and is_local(fs), key="url"), []
         name = posixpath.basename(root)
         images = sorted(p for p in found if p.lower().endswith(IMAGE_SUFFIXES))
         if images:
-            return (
-                "image-folder",
-                [],
-                [_image_sample(make_key(name, posixpath.relpath(p, root)), full_url(fs, p)) for p in images],
-            )
+            samples = [
+                _image_sample(make_key(name, posixpath.relpath(p, root)), full_url(fs, p)) for p in images
+            ]
+            return "image-folder", [], _guard(samples, [root], follow_symlinks) if is_local(fs) else samples
     raise ValueError(
         f"archive {archive_url}: found no shards (_manifest.json or *.tar), dataset description or image files"
     )
@@ -206,13 +211,30 @@ def _dataset_samples(root: str, want: set[str] | None) -> list[dict[str, Any]] |
         raise
     for bad in ds.quarantine:
         log.warning("dataset record skipped: %s", bad.message)
-    return [
+    samples = [
         _image_sample(
             s.key, s.source, split=s.split, class_name=s.class_name, lat=s.lat, lon=s.lon, captions=s.captions
         )
         for s in ds.samples
         if want is None or s.split in want
     ]
+    return samples, list(ds.roots)
+
+
+def _guard(
+    items: list[dict[str, Any]], roots: list[str], follow: bool, key: str = "source"
+) -> list[dict[str, Any]]:
+    """Mark (`refused`) the local items whose file is a link leading out of `roots` (ssjdn.data.paths)."""
+    from ssjdn.data.paths import SymlinkGuard
+
+    guard = SymlinkGuard(roots, follow=follow)
+    out = []
+    for item in items:
+        where = item[key]
+        path = where[len("file://") :] if where.startswith("file://") else where
+        reason = guard.check(path)
+        out.append({**item, "refused": reason} if reason else item)
+    return out
 
 
 def plan_units(
