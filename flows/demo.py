@@ -22,7 +22,8 @@ from flows.train import train_ssjdn
 from pipelines.fsio import get_fs, is_local
 from pipelines.report import demo_steps as demo
 from pipelines.report import report
-from pipelines.search.query import QueryOptions, query_store
+from pipelines.search.query import QueryOptions
+from pipelines.search.searcher import Searcher
 
 STAGES = 6
 
@@ -48,23 +49,29 @@ def queries_task(shards: str, store: str, out_dir: str) -> list[dict[str, Any]]:
     picked = demo.pick_queries(shards)
     options = QueryOptions(k=5)
     out = []
-    for q in picked["texts"]:
-        result = query_store(store, options, text=q["text"])
-        out.append(
-            {"heading": f"text: “{q['text']}” (caption of {q['key']}, class {q['class']})", "result": result}
-        )
-    if picked["image"]:
-        img = picked["image"]
-        path = Path(out_dir) / f"query-image.{img['ext']}"
-        path.write_bytes(img["image"])
-        result = query_store(store, options, image=str(path))
-        out.append(
-            {
-                "heading": f"image: {img['key']} (class {img['class']}); the query image itself should rank first",
-                "result": result,
-                "query_thumb": thumbnail_uri(img["image"], str(path)),
-            }
-        )
+    # One searcher for every query: the model and the matrix are loaded once, as an analyst's session does.
+    with Searcher(store, options, refresh_s=None) as searcher:
+        for q in picked["texts"]:
+            result = searcher.search(text=q["text"])
+            out.append(
+                {
+                    "heading": f"text: “{q['text']}” (caption of {q['key']}, class {q['class']})",
+                    "result": result,
+                }
+            )
+        if picked["image"]:
+            img = picked["image"]
+            path = Path(out_dir) / f"query-image.{img['ext']}"
+            path.write_bytes(img["image"])
+            result = searcher.search(image=str(path))
+            out.append(
+                {
+                    "heading": f"image: {img['key']} (class {img['class']}); the query image itself should rank "
+                    "first",
+                    "result": result,
+                    "query_thumb": thumbnail_uri(img["image"], str(path)),
+                }
+            )
     return out
 
 

@@ -26,11 +26,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     p.add_argument("--config", default="cpu-small", help="model config name or YAML path (default cpu-small)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set model.bsd=false (repeatable)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from ssjdn.config import parse_override
+
+    overrides = dict(parse_override(o) for o in args.overrides)
     # Without PREFECT_API_URL the flow runs on Prefect's ephemeral local server: give it time to start on a
     # loaded 2-core machine, and keep it from phoning home (there is no network).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -45,5 +56,6 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         workers=args.workers,
         config=args.config,
+        overrides=overrides or None,
     )
     return 0

@@ -257,27 +257,53 @@ def prepare(opts: TrainOptions) -> Prepared:
 # ----------------------------------------------------------------------------------------------- Ray
 
 
-def _init_ray(opts: TrainOptions) -> None:
+def _init_ray(opts: TrainOptions) -> bool:
+    """Connect to (or start) Ray; True when this call started a local Ray for this process."""
     import ray
 
     from pipelines.logfile import quiet_ray_env, reroute
 
     if ray.is_initialized():
-        return
+        return False
     reroute()  # Ray's console handlers (added on import) -> the command's log file
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
+        return False
     # A local Ray: enough logical CPUs for the workers and the Train controller.
     cpus = max(os.cpu_count() or 1, int(opts.workers * opts.cpus_per_worker + 0.999) + 1)
     if not os.environ.get("SSJDN_LIBRARY_LOGS_ON_CONSOLE"):
         quiet_ray_env(log_to_driver=True)  # the workers' `ray` loggers at ERROR; their own lines still show
+    # Nothing preempts a local machine; the watcher actor only adds a core_worker warning to the output.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _without_placement_group_cleaner(trainer) -> None:
+    """On a Ray this process started: drop Ray Train's placement-group cleaner from this trainer's callbacks.
+
+    The cleaner is a detached actor that frees a dead controller's placement groups on a long-lived cluster. A
+    local Ray ends with this process, so there is nothing to clean; and without a dashboard (not started
+    locally) its state queries fail every few seconds, printing warnings and tracebacks (`Failed to query Ray
+    Train Controller actor state`, `Found multiple active Ray instances`). Ray has no switch for it; if its
+    internals move, the cleaner simply stays."""
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import (
+            PlacementGroupCleanerCallback,
+        )
+    except ImportError:
+        return
+    default = trainer._create_default_callbacks
+
+    def callbacks():
+        return [c for c in default() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    trainer._create_default_callbacks = callbacks
 
 
 def build_trainer(opts: TrainOptions, prepared: Prepared):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.train.rundir import ray_storage
@@ -303,6 +329,12 @@ def build_trainer(opts: TrainOptions, prepared: Prepared):
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, opts.keep_checkpoints)),
+            # Ray Train's own lines (worker group start, every report and checkpoint, transient warnings of a
+            # loaded machine) stay in the Ray session's log files; the workers' progress lines and Ray Train's
+            # errors still show, and a failed run fails `fit()` with its reason.
+            logging_config=LoggingConfig(
+                log_level="INFO" if os.environ.get("SSJDN_LIBRARY_LOGS_ON_CONSOLE") else "ERROR"
+            ),
             # Non-secret settings only (Ray logs runtime_env values): workers use their own AWS chain.
             worker_runtime_env={"env_vars": worker_env()},
         ),
@@ -330,8 +362,10 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     from ray.train.v2.api.exceptions import TrainingFailedError
 
     run = RunDir(prepared.run_url, opts.storage_options)
-    _init_ray(opts)
+    local_ray = _init_ray(opts)
     trainer = build_trainer(opts, prepared)
+    if local_ray:
+        _without_placement_group_cleaner(trainer)
     log.info(
         "training %s on %d %s worker(s); run directory %s",
         prepared.cfg.name,
@@ -343,6 +377,11 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         result = trainer.fit()
     except TrainingFailedError as exc:
         raise _fatal_error(run, f"training failed after {opts.max_failures} retries: {exc}") from exc
+    finally:
+        if local_ray:  # a Ray this job started ends with it (the next job starts its own, quiet one)
+            import ray
+
+            ray.shutdown()
     value = result.return_value or {}
     if "fatal" in value or run.exists("fatal.json"):
         raise _fatal_error(run, f"training stopped: {value.get('fatal')}")

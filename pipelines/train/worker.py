@@ -179,6 +179,26 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
     return finish(worker, state)
 
 
+class _OwnInfoOnly(logging.Filter):
+    """On a worker's console (forwarded to the driver's terminal): INFO lines of the project's own loggers only;
+    warnings and errors of everyone. Libraries' INFO lines (botocore's "Found credentials", Ray Train's
+    per-report lines - some of its modules log through `getLogger(__file__)`, outside `ray.train`, so Ray
+    Train's own log level misses them) stay in the Ray session's log files."""
+
+    OWN = ("pipelines", "ssjdn", "flows", "root")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".")[0] in self.OWN
+
+
+def _quiet_library_info() -> None:
+    if os.environ.get("SSJDN_LIBRARY_LOGS_ON_CONSOLE"):
+        return
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+            handler.addFilter(_OwnInfoOnly())
+
+
 def join_group(spec: LoopSpec) -> Worker:
     """This rank's place in the group: rank, world size, device, the run folder and the step hook."""
     import ray.train
@@ -188,6 +208,7 @@ def join_group(spec: LoopSpec) -> Worker:
 
     ctx = ray.train.get_context()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_library_info()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
