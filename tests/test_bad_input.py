@@ -16,6 +16,7 @@ import torch
 from ssjdn.data.synthetic import generate_synthetic
 from ssjdn_cli.main import main
 from tests.embed_helpers import dataset_captions, make_tiny_checkpoint
+from tests.geo_store_data import write_geo_version, write_plain_version
 
 
 class _Evil:
@@ -71,6 +72,9 @@ def corpus(tmp_path_factory):
     othercfg = root / "other-config-run"
     othercfg.mkdir()
     make_tiny_checkpoint(othercfg / "last.pt", dataset_captions(data), overrides={"model.embed_dim": 24})
+    # Store versions for the geo filters: one with chips' footprints, one of benchmark rows only.
+    write_geo_version(str(root / "geo-store"), chips=30, plain=5)
+    write_plain_version(str(root / "plain-store"))
     conflict = root / "conflict"  # a destination already holding another dataset's shards
     assert main(["shard", str(data), str(conflict), "--maxcount", "5", "--no-progress"]) == 0
     other = generate_synthetic(root / "other", n_per_class=1, size=32, seed=9)
@@ -82,6 +86,8 @@ def corpus(tmp_path_factory):
         "store": store,
         "shards": shards,
         "conflict": conflict,
+        "geo": root / "geo-store",
+        "plain": root / "plain-store",
     }
 
 
@@ -142,6 +148,18 @@ def _cases():
         ("query with a missing image", ["query", "--image", f"{r}/nope.jpg", "--store", "{store}"], "nope.jpg"),
         ("query with neither text nor image", ["query", "--store", "{store}"], "text"),
         ("query with an unknown command", ["quer", "a beach"], "quer"),
+        # query: geo and time filters (vector queries by place: no model needed)
+        ("query with a box of three numbers", ["query", "--image-at", "0,0", "--store", "{geo}", "--bbox=1,2,3"], "--bbox"),
+        ("query with a box latitude outside [-90, 90]", ["query", "--image-at", "0,0", "--store", "{geo}", "--bbox=0,-95,1,1"], "-95"),
+        ("query with a NaN in the box", ["query", "--image-at", "0,0", "--store", "{geo}", "--bbox=nan,0,1,1"], "MINLON"),
+        ("query with a negative radius", ["query", "--image-at", "0,0", "--store", "{geo}", "--near=0,0", "--radius-km=-1"], "negative"),
+        ("query with an absurd radius", ["query", "--image-at", "0,0", "--store", "{geo}", "--near=0,0", "--radius-km=99999"], "99999"),
+        ("query with --near without a radius", ["query", "--image-at", "0,0", "--store", "{geo}", "--near=0,0"], "--radius-km"),
+        ("query with an unparseable date", ["query", "--image-at", "0,0", "--store", "{geo}", "--after", "2024-13-01"], "2024-13-01"),
+        ("query with after later than before", ["query", "--image-at", "0,0", "--store", "{geo}", "--after", "2024-06-01", "--before", "2024-05-01"], "later than"),
+        ("query by place on a version without footprints", ["query", "--image-at", "0,0", "--store", "{plain}"], "no footprints"),
+        ("query by place where no chip lies", ["query", "--image-at", "0,-89.99999", "--store", "{geo}"], "--image-at"),
+        ("query by place with a latitude of 91", ["query", "--image-at", "0,91", "--store", "{geo}"], "91"),
     ]
 
 

@@ -222,12 +222,12 @@ ERRORS = [
     ("vector of another size", "post", "/search", {"json": {"vector": [1.0, 2.0]}}, 422, "has 2 values"),
     ("unknown field", "post", "/search", {"json": {"text": "a", "limit": 5}}, 422, "limit: extra inputs"),
     (
-        "geo filter",
+        "geo filter on a version without footprints",
         "post",
         "/search",
         {"json": {"text": "a", "bbox": [0, 0, 1, 1]}},
         422,
-        "not available yet",
+        "no footprints",
     ),
     (
         "chunked body too big",

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.embed.options import EmbedOptions
-from pipelines.embed.sources import change_reason, discover, plan_units, read_unit
+from pipelines.embed.sources import GEO_SAMPLE_FIELDS, change_reason, discover, plan_units, read_unit
 from pipelines.encoders import CheckpointBlob, read_checkpoint, restore_encoders
 from pipelines.ray_env import worker_env
 from pipelines.store.reader import EmbeddingStore
@@ -92,6 +92,8 @@ def _rows_to_batch(rows: list[dict[str, Any]], pixel_shape: tuple[int, ...]) -> 
         "class": obj("class"),
         "lat": np.array([_nan(r.get("lat")) for r in rows], np.float64),
         "lon": np.array([_nan(r.get("lon")) for r in rows], np.float64),
+        **{k: obj(k) for k in GEO_SAMPLE_FIELDS if k != "cloud_cover"},
+        "cloud_cover": np.array([_nan(r.get("cloud_cover")) for r in rows], np.float64),
         "captions": np.array([json.dumps(r.get("captions") or []) for r in rows], dtype=object),
         "error": obj("error"),
         "count": np.array([int(r.get("count") or 0) for r in rows], np.int64),
@@ -121,7 +123,7 @@ def _read_one(unit: dict[str, Any], transform, shape, storage_options) -> Iterat
     error = None
     try:
         for s in read_unit(unit, storage_options):
-            row = {k: s.get(k) for k in (*META_COLUMNS, "captions", "error")}
+            row = {k: s.get(k) for k in (*META_COLUMNS, *GEO_SAMPLE_FIELDS, "captions", "error")}
             row.update(kind="sample", unit=unit["id"])
             if not want_captions:  # the encoder embeds every caption it is given
                 row["captions"] = []
@@ -145,7 +147,8 @@ def _read_one(unit: dict[str, Any], transform, shape, storage_options) -> Iterat
     yield _rows_to_batch([eof], shape)
 
 
-OUT_COLUMNS = ("table", "unit", *META_COLUMNS, *CAPTION_COLUMNS, "error", "count")
+OUT_COLUMNS = ("table", "unit", *META_COLUMNS, *GEO_SAMPLE_FIELDS, *CAPTION_COLUMNS, "error", "count")
+FLOAT_COLUMNS = ("lat", "lon", "cloud_cover")
 
 
 class EncodeBatch:
@@ -188,7 +191,7 @@ class EncodeBatch:
                 self._append(out, batch, i, "captions", caption=(j, cap))
                 embs.append(e)
         result = {k: np.array(v, dtype=object) for k, v in out.items()}
-        for k in ("lat", "lon"):
+        for k in FLOAT_COLUMNS:
             result[k] = np.array(out[k], np.float64)
         for k, v in result.items():  # empty object arrays would lose their type
             if v.dtype == object and len(v) == 0:
@@ -210,7 +213,7 @@ class EncodeBatch:
         out["caption_index"].append(caption[0] if caption else -1)
         out["caption"].append(caption[1] if caption else "")
         # the store's columns after `key`, and the bookkeeping
-        for k in (*META_COLUMNS[1:], "error", "count"):
+        for k in (*META_COLUMNS[1:], *GEO_SAMPLE_FIELDS, "error", "count"):
             out[k].append(batch[k][i])
 
 
@@ -237,21 +240,36 @@ class _UnitRows:
         if table not in self.cols:
             return
         cols = self.cols[table]
-        names = META_COLUMNS + (CAPTION_COLUMNS if table == "captions" else ())
+        names = META_COLUMNS + GEO_SAMPLE_FIELDS + (CAPTION_COLUMNS if table == "captions" else ())
         for name in names:
             v = row[name]
-            if name in ("lat", "lon"):
+            if name in FLOAT_COLUMNS:
                 v = None if math.isnan(v) else float(v)
             elif name == "caption_index":
                 v = int(v)
-            elif v == "" and name in ("split", "class"):
+            elif v == "" and name in ("split", "class", *GEO_SAMPLE_FIELDS):
                 v = None
+            elif name == "geometry":
+                v = bytes.fromhex(v)
+            elif name == "datetime":
+                v = _timestamp(v, row["key"])
             cols.setdefault(name, []).append(v)
         self.embs[table].append(emb)
 
     @property
     def complete(self) -> bool:
         return self.expected is not None and self.samples >= self.expected
+
+
+def _timestamp(text: str, key: str) -> datetime | None:
+    """A chip's ISO datetime (STAC: `2024-05-01T10:30:00Z`) as an aware UTC datetime; None, logged, when
+    it does not parse (the chip is stored without one rather than failing its unit)."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        log.warning("chip %s: datetime %r is not ISO 8601; stored without one", key, text[:60])
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 def _ensure_ray(address: str | None, num_cpus: int | None) -> bool:
@@ -319,9 +337,7 @@ def embed_archive(
         changed_units=changed,
     )
     # Refused, never read; not part of any unit, so a later run with --follow-symlinks embeds them.
-    report.bad.extend(
-        {"unit": None, "key": x.get("key") or x["id"], "reason": x["refused"]} for x in refused
-    )
+    report.bad.extend({"unit": None, "key": x.get("key") or x["id"], "reason": x["refused"]} for x in refused)
     prior_units = writer.done()
     for uid in changed:
         unit = next(u for u in shard_units if u["id"] == uid)

@@ -13,6 +13,10 @@ A tar unit carries a `fingerprint` of its source, recorded with the unit when it
 sha256 from the shard manifest, else the tar's size plus ETag (object stores) or mtime (local files). A unit
 whose fingerprint differs from the recorded one has changed since it was embedded (`change_reason`).
 
+A chip written by `ssjdn tile` carries where and when it lies in its json member (`footprint`, `datetime`,
+`scene_id`, `eo:cloud_cover`, `platform`; docs/tiling.md): `chip_fields` turns them into the store's geo
+columns, an invalid footprint repaired (pipelines.geo.repair) so one bad chip never fails a run.
+
 `read_unit` yields the samples of one unit as plain dicts (image bytes undecoded) and never unpickles: a tar
 is read with `tarfile` in stream mode, only the members this project writes are kept, and they are decoded by
 `pipelines.shard.read.decode_sample` (explicit member decoding only). A tar that does not read to its end
@@ -35,6 +39,9 @@ from pipelines.shard.layout import member_uri
 from pipelines.store.writer import replacement_token
 
 log = logging.getLogger(__name__)
+
+# The store's geo columns a sample may carry (plain strings and numbers: they travel through Ray blocks).
+GEO_SAMPLE_FIELDS = ("geometry", "datetime", "scene_id", "cloud_cover", "platform")
 
 SHARD_MANIFEST = "_manifest.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -335,6 +342,7 @@ def _read_shard(unit: dict[str, Any], storage_options: dict[str, Any] | None) ->
             "lat": meta.get("lat"),
             "lon": meta.get("lon"),
             "captions": [c for c in meta.get("captions") or [] if isinstance(c, str)],
+            **chip_fields(meta, s["key"]),
             "image": s["image"],
             "name": f"{unit['url']}:{member}",
             "error": None,
@@ -440,6 +448,46 @@ def _tar_samples(unit: dict[str, Any], storage_options: dict[str, Any] | None) -
             f"{url}: sha256 {reader.sha.hexdigest()[:16]}... is not the {str(unit['fingerprint'])[:16]}... "
             "the shard manifest lists (the shard changed after it was written)"
         )
+
+
+def _scalar(value: Any, kind: type):
+    if isinstance(value, bool) or value is None:
+        return None
+    if kind is float:
+        return float(value) if isinstance(value, (int, float)) else None
+    return str(value) if isinstance(value, (str, int, float)) else None
+
+
+def chip_fields(meta: dict[str, Any], key: str = "?") -> dict[str, Any]:
+    """The geo columns of one chip from its json: `geometry` as WKB hex (None without a footprint; repaired
+    when GDAL made it invalid), `datetime` as the item's ISO string, `scene_id`, `cloud_cover`
+    (`eo:cloud_cover`), `platform`. Absent fields are None: a benchmark sample has none of them."""
+    import shapely
+    from shapely.geometry import shape
+
+    from pipelines.geo.repair import valid_footprint
+
+    props = meta.get("properties") if isinstance(meta.get("properties"), dict) else {}
+    wkb = None
+    footprint = meta.get("footprint")
+    if isinstance(footprint, dict):
+        try:
+            geom = shape(footprint)
+        except Exception as exc:  # noqa: BLE001 - shapely raises several kinds for a malformed mapping
+            log.warning("chip %s: footprint is not a GeoJSON geometry (%s); stored without one", key, exc)
+            geom = None
+        fixed = valid_footprint(geom)
+        if geom is not None and fixed is not geom:
+            log.info("chip %s: invalid footprint (%s) repaired", key, shapely.is_valid_reason(geom))
+        wkb = shapely.to_wkb(fixed, hex=True, output_dimension=2) if fixed is not None else None
+    pick = lambda name: meta.get(name, props.get(name))  # noqa: E731 - top level first, then the item's
+    return {
+        "geometry": wkb,
+        "datetime": _scalar(pick("datetime"), str),
+        "scene_id": _scalar(meta.get("scene_id"), str),
+        "cloud_cover": _scalar(pick("eo:cloud_cover"), float),
+        "platform": _scalar(pick("platform"), str),
+    }
 
 
 def _key_from_reason(reason: str) -> str:

@@ -15,11 +15,23 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("text", nargs="?", default=None, metavar="TEXT", help="the query caption")
     p.add_argument("--image", default=None, metavar="PATH", help="query by an image (path or URL) instead")
+    p.add_argument(
+        "--image-at",
+        default=None,
+        metavar="LON,LAT",
+        help="query by the stored chip whose footprint covers this point",
+    )
     p.add_argument("--store", required=True, metavar="URL", help="embedding store root")
     add_arguments(p, QueryOptions)
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument(
         "--html", default=None, metavar="OUT.html", help="write a page of thumbnails, captions and scores"
+    )
+    p.add_argument(
+        "--geojson",
+        default=None,
+        metavar="OUT.geojson",
+        help="write the hits as a GeoJSON FeatureCollection (footprint, score, rank, key, scene, datetime)",
     )
 
 
@@ -32,7 +44,18 @@ def run(args: argparse.Namespace) -> int:
     # Bad input and failed searches raise PipelineError (or OSError naming the file): pipelines.command prints
     # them as one line and exits 1.
     options = from_args(QueryOptions, args)
-    result = query_store(args.store, options, text=args.text, image=args.image)
+    result = query_store(
+        args.store,
+        options,
+        text=args.text,
+        image=args.image,
+        image_at=args.image_at,
+        geometry=bool(args.geojson),
+    )
+    if args.geojson:
+        from pipelines.geo.geojson import write_geojson
+
+        write_geojson(args.geojson, [h.feature() for h in result.hits])
     if args.html:
         _write_html(args.html, result, options.storage_options)
     if args.json:

@@ -20,6 +20,7 @@ from pipelines.cli_types import positive_int
 from pipelines.errors import PipelineError
 from pipelines.fsio import parse_storage_options
 from pipelines.options import option
+from pipelines.search.geo import geo_filter, parse_lonlat
 from pipelines.search.results import QueryResult
 from pipelines.search.searcher import Searcher
 from pipelines.search.where import parse_where
@@ -43,6 +44,24 @@ class QueryOptions:
     model_id: str | None = option(None, help="store version (model_id or a unique prefix; default: newest)")
     where: str | None = option(None, help="filter, e.g. \"class = 'airport' AND split = 'test'\"")
     table: str = option("images", choices=TABLES, help="what to search")
+    bbox: str | None = option(
+        None,
+        metavar="MINLON,MINLAT,MAXLON,MAXLAT",
+        help="only footprints meeting this lon/lat box (MINLON > MAXLON: across the antimeridian; "
+        "write --bbox=-5,... when it starts with a minus)",
+    )
+    near: str | None = option(
+        None, metavar="LON,LAT", help="only footprints within --radius-km of this point (geodesic)"
+    )
+    radius_km: float | None = option(
+        None, flag="--radius-km", metavar="R", help="the distance for --near, in km"
+    )
+    after: str | None = option(
+        None, metavar="DATE", help="only rows dated at or after this ISO date/datetime"
+    )
+    before: str | None = option(
+        None, metavar="DATE", help="only rows dated at or before this ISO date/datetime (a date: its end)"
+    )
     ann: bool = option(False, action="store_true", help="use (building if needed) the version's ANN index")
     cache: bool | None = option(
         None,
@@ -69,6 +88,11 @@ class QueryOptions:
             raise QueryOptionsError(f"k must be at least 1 (got {self.k})")
         if self.table not in TABLES:
             raise QueryOptionsError(f"table must be one of {', '.join(TABLES)} (got {self.table!r})")
+        self.geo_filter()  # bad input is a one-line error before any store is opened
+
+    def geo_filter(self):
+        """The checked `GeoFilter` of the geo / time fields (None when none is set)."""
+        return geo_filter(self.bbox, self.near, self.radius_km, self.after, self.before)
 
 
 def _read_image(source: str | os.PathLike):
@@ -84,36 +108,49 @@ def query_store(
     text: str | None = None,
     image: str | None = None,
     vector: np.ndarray | None = None,
+    image_at: Any = None,
+    geometry: bool = False,
     **overrides: Any,
 ) -> QueryResult:
-    """Search the store for one query: `text`, an `image` (path/URL) or a ready `vector` (exactly one).
+    """Search the store for one query: `text`, an `image` (path/URL), a ready `vector`, or `image_at`
+    (`"LON,LAT"` or a pair: the stored image whose footprint covers that point is the query) - exactly one.
 
     `options` (default `QueryOptions()`), with any of its fields overridden by keyword:
-    `query_store("./store/embeddings", text="a harbour", k=5)`.
+    `query_store("./store/embeddings", text="a harbour", k=5, bbox="-5,40,-3,42")`. `geometry`: the hits carry
+    their footprints (`Hit.geometry`, WKB), e.g. for `pipelines.geo.geojson.write_geojson`.
     """
     opts = dataclasses.replace(options or QueryOptions(), **overrides)
     given = [
-        name for name, value in (("text", text), ("image", image), ("vector", vector)) if value is not None
+        name
+        for name, value in (("text", text), ("image", image), ("vector", vector), ("image_at", image_at))
+        if value is not None
     ]
     if len(given) != 1:
         raise QueryOptionsError(
-            "give a query TEXT or --image PATH (from Python: text=, image= or vector=), exactly one "
-            f"(got {', '.join(given) or 'none'})"
+            "give a query TEXT, --image PATH or --image-at LON,LAT (from Python: text=, image=, vector= or "
+            f"image_at=), exactly one (got {', '.join(given) or 'none'})"
         )
     # Bad input first, before the store is opened or a model loaded.
     if opts.where:
         parse_where(opts.where, opts.table)
+    place = parse_lonlat(image_at, "--image-at") if image_at is not None else None
     picture = _read_image(image) if image is not None else None
     # One query: no refresh, and only the winners' metadata is read (not the table's columns into memory).
     with Searcher(
         store_url,
         opts,
         refresh_s=None,
-        load_encoders=vector is None,
+        load_encoders=vector is None and place is None,
         metadata_in_memory=False,
     ) as searcher:
         searcher.snapshot.require_rows(opts.table)  # the store's own message for an empty table
-        result = searcher.search(text=text, image=picture, vector=vector)
+        label = None
+        if place is not None:
+            key, vector = searcher.image_at(*place)
+            label = f"image at {place[0]:g},{place[1]:g} ({key})"
+        result = searcher.search(text=text, image=picture, vector=vector, geometry=geometry)
     if image is not None:
         result.query = f"image {image}"
+    if label is not None:
+        result.query = label
     return result

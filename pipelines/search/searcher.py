@@ -3,6 +3,7 @@
     searcher = Searcher("./store/embeddings")                    # newest version; model_id=, checkpoint=, ...
     result = searcher.search(text="a harbour", k=10, where="class = 'harbor'")
     results = searcher.search_many([Query(text="a beach"), Query(image=png_bytes, k=5)])   # one pass each
+    result = searcher.search(text="a harbour", bbox=(-5, 40, -3, 42), after="2024-05-01")   # where and when
 
 What it holds, loaded once:
 - the text and image encoders of the version's checkpoint (its sha256 must equal the version's model_id);
@@ -42,17 +43,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.errors import PipelineError
+from pipelines.geo.filters import GeoFilter
+from pipelines.geo.geoparquet import GEOMETRY
+from pipelines.search import geo as geo_rows
 from pipelines.search.ann import DEFAULTS as ANN_DEFAULTS
 from pipelines.search.ann import AnnIndex, build_ann, load_ann
 from pipelines.search.matrix_cache import MatrixCache, get_cache, load_cache
 from pipelines.search.results import Hit, QueryResult
 from pipelines.search.scan import scan_topk
 from pipelines.search.topk import normalize
-from pipelines.search.where import columns_of, parse_where, to_arrow
+from pipelines.search.where import FilterError, columns_of, parse_where, to_arrow
 from pipelines.store.reader import EmbeddingStore, Snapshot
-from pipelines.store.schema import KEY, TABLES, StoreError, meta_columns
+from pipelines.store.schema import KEY, TABLES, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +86,11 @@ class Query:
     """One query: exactly one of `text`, `image` (encoded bytes, a path/URL, a PIL image, or the [3, H, W]
     model input `Searcher.image_pixels` made of one) or `vector`.
 
-    `ann`: None takes the searcher's default. A `where` filter always searches exactly. (The geo filters -
-    bbox, near, time - join these fields in a later release.)
+    `ann`: None takes the searcher's default. A `where` or geo filter always searches exactly. The geo filters
+    (pipelines.geo.filters, all ANDed with `where`): `bbox` (minlon, minlat, maxlon, maxlat; minlon > maxlon
+    across the antimeridian), `near` (lon, lat) with `radius_km`, `after` / `before` (inclusive; ISO strings,
+    dates or datetimes); each a tuple / value or the flag's string. `geometry`: the hits carry their
+    footprints (WKB), for GeoJSON.
     """
 
     text: str | None = None
@@ -92,6 +100,16 @@ class Query:
     where: str | None = None
     table: str = "images"
     ann: bool | None = None
+    bbox: Any = None
+    near: Any = None
+    radius_km: Any = None
+    after: Any = None
+    before: Any = None
+    geometry: bool = False
+
+    def geo_filter(self) -> GeoFilter | None:
+        """The checked geo / time filter (None without one); raises GeoFilterError."""
+        return geo_rows.geo_filter(self.bbox, self.near, self.radius_km, self.after, self.before)
 
     def label(self) -> str:
         if self.text is not None:
@@ -162,7 +180,7 @@ class _Table:
 
     def hold_metadata(self) -> None:
         """Read the metadata columns once (one pass over the files): hits and items then cost no read."""
-        names = list(meta_columns(self.table))
+        names = list(self.snapshot.meta_columns(self.table))
         batches = [b for _, b in self.snapshot.iter_batches(self.table, names)]
         schema = self.snapshot.schema(self.table)
         table = pa.Table.from_batches(batches, schema=pa.schema([schema.field(n) for n in names]))
@@ -176,7 +194,7 @@ class _Table:
         """The metadata rows of these global rows, in that order."""
         if self.metadata is not None:
             return self.metadata.take(pa.array(rows, pa.int64())).to_pylist()
-        return self.snapshot.take(self.table, rows, meta_columns(self.table)).to_pylist()
+        return self.snapshot.take(self.table, rows, self.snapshot.meta_columns(self.table)).to_pylist()
 
     def column(self, name: str) -> pa.ChunkedArray:
         with self.lock:
@@ -266,6 +284,9 @@ class Searcher:
         self.table = pick(table, "table", "images")
         self.default_k = int(getattr(options, "k", 10)) if options is not None else 10
         self.default_where = getattr(options, "where", None) if options is not None else None
+        self.default_geo = {
+            n: getattr(options, n, None) for n in ("bbox", "near", "radius_km", "after", "before")
+        }
         self.read_only = read_only
         self.cache_dir = Path(cache_dir) if cache_dir else _default_cache_dir()
         self.refresh_s = refresh_s
@@ -703,8 +724,15 @@ class Searcher:
         where: str | None = None,
         table: str | None = None,
         ann: bool | None = None,
+        bbox: Any = None,
+        near: Any = None,
+        radius_km: Any = None,
+        after: Any = None,
+        before: Any = None,
+        geometry: bool = False,
     ) -> SearchResult:
         """Top-k for one query (exactly one of text, image, vector); see `Query`."""
+        d = self.default_geo
         query = Query(
             text=text,
             image=image,
@@ -713,29 +741,50 @@ class Searcher:
             where=self.default_where if where is None else where,
             table=table or self.table,
             ann=ann,
+            bbox=d.get("bbox") if bbox is None else bbox,
+            near=d.get("near") if near is None else near,
+            radius_km=d.get("radius_km") if radius_km is None else radius_km,
+            after=d.get("after") if after is None else after,
+            before=d.get("before") if before is None else before,
+            geometry=geometry,
         )
         return self.search_many([query])[0]
+
+    def image_at(self, lon: float, lat: float) -> tuple[str, np.ndarray]:
+        """(key, stored embedding) of the image whose footprint covers (lon, lat) - the one whose centroid is
+        nearest when several do -, to query by place. Raises SearchError when none covers it."""
+        state = self._state
+        t = self._table(state, "images")
+        rows = geo_rows.covering_rows(t, lon, lat)
+        if not len(rows):
+            raise SearchError(
+                f"--image-at {lon:g},{lat:g}: no image of version {self.model_id[:12]} (generation "
+                f"{state.snapshot.generation}) has a footprint covering this point"
+            )
+        key = t.records(rows[:1])[0][KEY]
+        return key, self._rows_embeddings(t, rows[:1])[0]
 
     def search_many(self, queries: list[Query]) -> list[SearchResult]:
         """Answer several queries on one generation: one encoder call per kind, one scoring pass per
         (table, filter, engine). Raises SearchError (or FilterError, ...) when any query is invalid."""
         self._maybe_refresh()
         state = self._state
-        trees = [self.check(q) for q in queries]
+        trees = [self.check(q, state.snapshot) for q in queries]
+        geos = [q.geo_filter() for q in queries]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, q in enumerate(queries):
-            groups[(q.table, q.where or None, bool(self.ann if q.ann is None else q.ann))].append(i)
-        tables = {table: self._table(state, table) for table, _, _ in groups}
+            groups[(q.table, q.where or None, geos[i], bool(self.ann if q.ann is None else q.ann))].append(i)
+        tables = {table: self._table(state, table) for table, _, _, _ in groups}
         t0 = time.perf_counter()
         vectors = self._encode(queries)
         encode_ms = (time.perf_counter() - t0) * 1000
         results: list[SearchResult | None] = [None] * len(queries)
-        for (table, where, want_ann), idx in groups.items():
+        for (table, where, geo, want_ann), idx in groups.items():
             t = tables[table]
             kmax = max(queries[i].k for i in idx)
             ts = time.perf_counter()
             mode, note, meta = "exact", None, None
-            if want_ann and where is None and t.ann is not None:
+            if want_ann and where is None and geo is None and t.ann is not None:
                 rows, scores = t.ann.search(vectors[idx], kmax)
                 mode, meta = "ann", t.ann.meta
             else:
@@ -743,15 +792,17 @@ class Searcher:
                     why = (
                         "a where filter"
                         if where
+                        else "a geo filter"
+                        if geo is not None
                         else f"the ANN index is {t.ann_state if self.ann else 'not loaded'}"
                     )
                     note = f"searched exactly: {why}"
-                rows, scores = self._exact(t, vectors[idx], kmax, trees[idx[0]])
+                rows, scores = self._exact(t, vectors[idx], kmax, trees[idx[0]], geo)
             search_ms = (time.perf_counter() - ts) * 1000
             tf = time.perf_counter()
-            hits = self._hits(
-                t, [(rows[j, : queries[i].k], scores[j, : queries[i].k]) for j, i in enumerate(idx)]
-            )
+            pairs = [(rows[j, : queries[i].k], scores[j, : queries[i].k]) for j, i in enumerate(idx)]
+            wants_geometry = any(queries[i].geometry for i in idx)
+            hits = self._hits(t, pairs, geometry=True) if wants_geometry else self._hits(t, pairs)
             fetch_ms = (time.perf_counter() - tf) * 1000
             for j, i in enumerate(idx):
                 results[i] = SearchResult(
@@ -773,8 +824,9 @@ class Searcher:
                 )
         return results  # type: ignore[return-value]
 
-    def check(self, q: Query):
-        """Validate a query without running it; returns its parsed `where` tree (or None)."""
+    def check(self, q: Query, snapshot: Snapshot | None = None):
+        """Validate a query without running it; returns its parsed `where` tree (or None). The where columns
+        and the geo filter are checked against the version (`snapshot`, default the current one)."""
         given = [n for n, v in (("text", q.text), ("image", q.image), ("vector", q.vector)) if v is not None]
         if len(given) != 1:
             raise SearchError(f"give exactly one of text, image or vector (got {', '.join(given) or 'none'})")
@@ -784,7 +836,20 @@ class Searcher:
             raise SearchError(f"k must be a whole number of at least 1 (got {q.k!r})")
         if q.table not in TABLES:
             raise SearchError(f"table must be one of {', '.join(TABLES)} (got {q.table!r})")
-        return parse_where(q.where, q.table) if q.where else None
+        snapshot = snapshot or self.snapshot
+        geo = q.geo_filter()
+        if geo is not None:
+            geo_rows.check_version(snapshot, q.table, geo)
+        if not q.where:
+            return None
+        tree = parse_where(q.where, q.table)
+        missing = sorted(columns_of(tree) - set(snapshot.schema(q.table).names))
+        if missing:
+            raise FilterError(
+                f"--where: version {snapshot.model_id[:12]} has no column {', '.join(map(repr, missing))} "
+                "(it was written before the store had geo columns)"
+            )
+        return tree
 
     def _encode(self, queries: list[Query]) -> np.ndarray:
         """[Q, D] normalised query vectors: texts in one encoder call, images in one, vectors as given."""
@@ -878,29 +943,45 @@ class Searcher:
                 f"{name} is {width}x{height} = {width * height} pixels, over the limit of {self.max_image_pixels}"
             )
 
-    def _exact(self, t: _Table, q: np.ndarray, k: int, tree) -> tuple[np.ndarray, np.ndarray]:
+    def _exact(
+        self, t: _Table, q: np.ndarray, k: int, tree, geo: GeoFilter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        allowed = geo_rows.filter_rows(t, geo) if geo is not None else None
         if t.matrix is not None:
             rows = t.filter_rows(tree) if tree is not None else None
+            if allowed is not None:
+                rows = allowed if rows is None else np.intersect1d(rows, allowed)
             return t.matrix.topk(q, k, rows)
         expr = to_arrow(tree) if tree is not None else None
         cols = sorted(columns_of(tree)) if tree is not None else []
+        if allowed is not None:  # the scan numbers every batch's rows in this column before filtering
+            within = pc.field(ROW).isin(pa.array(allowed, pa.int64()))
+            expr = within if expr is None else expr & within
         return scan_topk(t.snapshot, t.table, q, k, filter=expr, filter_columns=cols)
 
-    def _hits(self, t: _Table, per_query: list[tuple[np.ndarray, np.ndarray]]) -> list[list[Hit]]:
-        """Hits of each query's (rows, scores), their metadata read in one `take` for the whole batch."""
+    def _hits(
+        self, t: _Table, per_query: list[tuple[np.ndarray, np.ndarray]], geometry: bool = False
+    ) -> list[list[Hit]]:
+        """Hits of each query's (rows, scores), their metadata read in one `take` for the whole batch (and
+        with `geometry` their footprints, in another)."""
         kept = []
         for rows, scores in per_query:
             valid = np.asarray(rows) >= 0  # ANN pads short results with -1
             kept.append((np.asarray(rows)[valid], np.asarray(scores)[valid]))
         every = np.unique(np.concatenate([r for r, _ in kept])) if kept else np.empty(0, np.int64)
         records: dict[int, dict[str, Any]] = {}
+        footprints: dict[int, bytes | None] = {}
         if len(every):
             records = dict(zip(every.tolist(), t.records(every)))
+            if geometry and t.snapshot.geo:
+                wkb = t.snapshot.take(t.table, every, [GEOMETRY]).column(GEOMETRY).to_pylist()
+                footprints = dict(zip(every.tolist(), wkb))
         out = []
         for rows, scores in kept:
             hits = []
             for rank, (row, score) in enumerate(zip(rows.tolist(), scores.tolist()), start=1):
                 hits.append(Hit.from_record(rank, score, records[row]))
+                hits[-1].geometry = footprints.get(row)
             out.append(hits)
         return out
 

@@ -24,12 +24,16 @@ from pipelines.store.schema import TABLES, meta_columns, table_schema
 
 
 def _column_kinds(table: str) -> dict[str, str]:
-    """The filterable columns of `table` (its metadata columns) -> "str" | "num", from the store's schema."""
+    """The filterable columns of `table` (its metadata columns, the geo scalars included) -> "str" | "num",
+    from the store's schema. `datetime` is filtered by --after / --before, not here."""
     schema = table_schema(table, 1)
     kinds = {}
     for name in meta_columns(table):
         t = schema.field(name).type
-        kinds[name] = "num" if pa.types.is_integer(t) or pa.types.is_floating(t) else "str"
+        if pa.types.is_integer(t) or pa.types.is_floating(t):
+            kinds[name] = "num"
+        elif pa.types.is_string(t):
+            kinds[name] = "str"
     return kinds
 
 

@@ -1,6 +1,8 @@
 """The HTTP search service (FastAPI): JSON API, the search page, thumbnails; see docs/serve.md.
 
-    GET  /search?text=...&k=10&where=...&mode=exact|ann     POST /search   {"text": ..., "k": ..., "where": ...}
+    GET  /search?text=...&k=10&where=...&mode=exact|ann&bbox=W,S,E,N&near=LON,LAT&radius_km=R&after=&before=
+    POST /search   {"text": ..., "k": ..., "where": ..., "bbox": [w, s, e, n], "near": [lon, lat], "radius_km": r,
+                    "after": "2024-05-01", "before": ...}
     POST /search/image   (multipart: file, k, where, mode)   GET /items/{key}    GET /thumbnails/{key}
     GET  /health         GET /openapi.json                     GET /  (the page; its assets under /static/)
 
@@ -31,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from pipelines.errors import PipelineError
+from pipelines.geo.errors import GeoFilterError
 from pipelines.search.searcher import ImageTooLargeError, Searcher
 from pipelines.search.searcher import Query as SearchQuery
 from pipelines.search.where import FilterError
@@ -59,9 +62,16 @@ class ApiError(HTTPException):
     """An HTTP error with a one-line reason (rendered as {"error", "status"})."""
 
 
+class TimeWindow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    after: str | None = None
+    before: str | None = None
+
+
 class SearchRequest(BaseModel):
-    """POST /search. Exactly one of `text` or `vector`. The geo filters (`bbox`, `near`, `time`) are reserved
-    for a later release; sending them is an error until then."""
+    """POST /search. Exactly one of `text` or `vector`; the geo filters (ANDed with `where`): `bbox`, `near`
+    with `radius_km`, `after` / `before` (or `time: {"after", "before"}`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -73,9 +83,14 @@ class SearchRequest(BaseModel):
     mode: Literal["exact", "ann"] | None = Field(
         None, description="default: exact, or ann when served with --ann"
     )
-    bbox: Any = Field(None, description="reserved (geo filters)")
-    near: Any = Field(None, description="reserved (geo filters)")
-    time: Any = Field(None, description="reserved (geo filters)")
+    bbox: list[float] | str | None = Field(
+        None, description="[minlon, minlat, maxlon, maxlat] (minlon > maxlon: across the antimeridian)"
+    )
+    near: list[float] | str | None = Field(None, description="[lon, lat]: with radius_km")
+    radius_km: float | None = Field(None, description="geodesic distance from `near` to a footprint, km")
+    after: str | None = Field(None, description="ISO date or datetime, inclusive")
+    before: str | None = Field(None, description="ISO date or datetime, inclusive (a date: its end)")
+    time: TimeWindow | None = Field(None, description="the same as after / before")
 
 
 def _one_line(text: Any) -> str:
@@ -210,7 +225,7 @@ def create_app(
     @app.exception_handler(PipelineError)
     async def pipeline_error(request: Request, exc: PipelineError):
         message = str(exc)
-        if isinstance(exc, FilterError):  # the grammar's messages name the CLI flag; here it is a parameter
+        if isinstance(exc, (FilterError, GeoFilterError)):  # messages name the CLI flag; here a parameter
             message = message.removeprefix("--")
         return _error(_status_of(exc), message)
 
@@ -233,7 +248,7 @@ def create_app(
 
     # ------------------------------------------------------------------------------------------ search
 
-    def make_query(text, vector, image, k, where, table, mode) -> SearchQuery:
+    def make_query(text, vector, image, k, where, table, mode, geo=None) -> SearchQuery:
         if text is not None and len(text) > options.max_text_chars:
             raise ApiError(422, f"text is {len(text)} characters; the limit is {options.max_text_chars}")
         if text is not None and not text.strip():
@@ -243,7 +258,9 @@ def create_app(
         if where is not None and not where.strip():
             where = None
         ann = mode == "ann"  # exact unless asked: ANN trades recall for speed
-        query = SearchQuery(text=text, vector=vector, image=image, k=k, where=where, table=table, ann=ann)
+        query = SearchQuery(
+            text=text, vector=vector, image=image, k=k, where=where, table=table, ann=ann, **(geo or {})
+        )
         searcher.check(query)  # a bad filter answers now, not from inside a batch
         return query
 
@@ -285,18 +302,27 @@ def create_app(
         where: str | None = Query(None, description="filter"),
         table: Literal["images", "captions"] = "images",
         mode: Literal["exact", "ann"] | None = None,
+        bbox: str | None = Query(None, description="MINLON,MINLAT,MAXLON,MAXLAT"),
+        near: str | None = Query(None, description="LON,LAT (with radius_km)"),
+        radius_km: str | None = Query(None, description="km from near"),
+        after: str | None = Query(None, description="ISO date or datetime"),
+        before: str | None = Query(None, description="ISO date or datetime"),
     ):
-        return await answer(make_query(text, None, None, k, where, table, mode))
+        geo = dict(bbox=bbox, near=near, radius_km=radius_km, after=after, before=before)
+        return await answer(make_query(text, None, None, k, where, table, mode, geo))
 
     @app.post("/search", dependencies=api, summary="search by text or vector (JSON body)")
     async def search_post(body: SearchRequest):
-        reserved = [n for n in ("bbox", "near", "time") if getattr(body, n) is not None]
-        if reserved:
-            raise ApiError(422, f"geo filters ({', '.join(reserved)}) are not available yet")
         if (body.text is None) == (body.vector is None):
             raise ApiError(422, "give exactly one of text or vector")
+        after, before = body.after, body.before
+        if body.time is not None:
+            if after is not None or before is not None:
+                raise ApiError(422, "give after / before either at the top level or in time, not both")
+            after, before = body.time.after, body.time.before
+        geo = dict(bbox=body.bbox, near=body.near, radius_km=body.radius_km, after=after, before=before)
         return await answer(
-            make_query(body.text, body.vector, None, body.k, body.where, body.table, body.mode)
+            make_query(body.text, body.vector, None, body.k, body.where, body.table, body.mode, geo)
         )
 
     @app.post("/search/image", dependencies=api, summary="search by an uploaded image")

@@ -35,6 +35,8 @@ from pipelines.store.schema import (
     check_model_id,
     check_table,
     embeddings_to_numpy,
+    has_geo,
+    meta_columns,
     table_schema,
 )
 
@@ -113,8 +115,17 @@ class Snapshot:
         files = self.table_files(table)
         return np.array([f.first_row for f in files] + [self.rows(table)], np.int64)
 
+    @property
+    def geo(self) -> bool:
+        """Whether this version's files have the geo columns (written with schema 2, see pipelines.store.schema)."""
+        return has_geo(self.model)
+
     def schema(self, table: str) -> pa.Schema:
-        return table_schema(table, self.dim, self.dtype)
+        return table_schema(table, self.dim, self.dtype, geo=self.geo)
+
+    def meta_columns(self, table: str) -> tuple[str, ...]:
+        """The metadata columns a hit of this version carries."""
+        return meta_columns(table, geo=self.geo)
 
     def require_rows(self, table: str) -> None:
         if self.rows(table) == 0:

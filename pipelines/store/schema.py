@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.errors import PipelineError
+from pipelines.geo.geoparquet import BBOX, GEOMETRY, footprint_columns, geo_fields
 
 FORMAT = "ssjdn-embedding-store/1"
 MANIFEST = "_manifest.json"
@@ -44,6 +45,13 @@ KEY = "key"
 EMBEDDING = "embedding"
 META_COLUMNS = (KEY, "source", "split", "class", "lat", "lon")
 CAPTION_COLUMNS = ("image_key", "caption_index", "caption")
+# Schema 2 (geo): the footprint (GeoParquet `geometry` WKB + `bbox` covering) and the chip's scalar STAC
+# properties. GEO_META_COLUMNS are what a hit carries (the footprint is read only when asked for).
+GEO_META_COLUMNS = ("datetime", "scene_id", "cloud_cover", "platform")
+GEO_COLUMNS = (GEOMETRY, BBOX, *GEO_META_COLUMNS)
+SCHEMA_KEY = "schema"  # in the manifest's `model`
+SCHEMA_PLAIN, SCHEMA_GEO = 1, 2
+CURRENT_SCHEMA = SCHEMA_GEO
 
 
 class StoreError(PipelineError):
@@ -62,9 +70,20 @@ def check_table(table: str) -> str:
     return table
 
 
-def meta_columns(table: str) -> tuple[str, ...]:
-    """The metadata columns of `table` (everything a hit carries): META_COLUMNS, plus CAPTION_COLUMNS for captions."""
-    return META_COLUMNS + (CAPTION_COLUMNS if check_table(table) == "captions" else ())
+def schema_version(model: dict[str, Any]) -> int:
+    """The schema a version's files have, from its manifest's `model` (absent: written before geo columns)."""
+    return int(model.get(SCHEMA_KEY, SCHEMA_PLAIN))
+
+
+def has_geo(model: dict[str, Any]) -> bool:
+    return schema_version(model) >= SCHEMA_GEO
+
+
+def meta_columns(table: str, geo: bool = True) -> tuple[str, ...]:
+    """The metadata columns of `table` (everything a hit carries): META_COLUMNS, the geo scalars of a geo
+    version, plus CAPTION_COLUMNS for captions."""
+    cols = META_COLUMNS + (GEO_META_COLUMNS if geo else ())
+    return cols + (CAPTION_COLUMNS if check_table(table) == "captions" else ())
 
 
 def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
@@ -74,8 +93,9 @@ def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
     return pa.list_(pa.field("item", DTYPES[dtype], nullable=False), dim)
 
 
-def table_schema(table: str, dim: int, dtype: str = "float32") -> pa.Schema:
-    """The Parquet schema of `table` ("images" or "captions"); documented in docs/store.md."""
+def table_schema(table: str, dim: int, dtype: str = "float32", geo: bool = True) -> pa.Schema:
+    """The Parquet schema of `table` ("images" or "captions"); documented in docs/store.md. `geo=False`: the
+    schema of versions written before the geo columns."""
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; expected one of {TABLES}")
     fields = [pa.field(KEY, pa.string(), nullable=False)]
@@ -91,6 +111,16 @@ def table_schema(table: str, dim: int, dtype: str = "float32") -> pa.Schema:
         pa.field("class", pa.string()),
         pa.field("lat", pa.float64()),
         pa.field("lon", pa.float64()),
+    ]
+    if geo:
+        fields += [
+            *geo_fields(),
+            pa.field("datetime", pa.timestamp("us", tz="UTC")),
+            pa.field("scene_id", pa.string()),
+            pa.field("cloud_cover", pa.float64()),
+            pa.field("platform", pa.string()),
+        ]
+    fields += [
         pa.field("model_id", pa.string(), nullable=False),
         pa.field(EMBEDDING, embedding_type(dim, dtype), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -128,13 +158,30 @@ def build_table(
     model_id: str,
     dtype: str = "float32",
     created_at: datetime | None = None,
+    geo: bool = True,
 ) -> pa.Table:
-    """Assemble one table's rows, sorted by key so identical input gives identical files."""
+    """Assemble one table's rows, sorted by key so identical input gives identical files.
+
+    `columns["geometry"]` may hold footprints (WKB, shapely, GeoJSON dicts or None, lon/lat): they become the
+    `geometry` and `bbox` columns, and `lat`/`lon` of a row with a footprint are its centroid."""
     n = len(embeddings)
-    schema = table_schema(table, dim, dtype)
+    schema = table_schema(table, dim, dtype, geo=geo)
     created_at = created_at or datetime.now(timezone.utc)
     data: dict[str, Any] = {}
+    if geo and columns.get(GEOMETRY) is not None:
+        fp = footprint_columns(columns[GEOMETRY])
+        if len(fp.geometry) != n:
+            raise ValueError(f"column {GEOMETRY!r} has {len(fp.geometry)} values for {n} embeddings")
+        has = np.asarray(fp.geometry.is_valid().to_numpy(zero_copy_only=False), bool)
+        data[GEOMETRY], data[BBOX] = fp.geometry, fp.bbox
+        for name, centre in (("lat", fp.lat), ("lon", fp.lon)):
+            given = list(columns.get(name, [None] * n))
+            data[name] = pa.array(
+                [c if h else g for c, g, h in zip(centre.to_pylist(), given, has)], pa.float64()
+            )
     for f in schema:
+        if f.name in data:
+            continue
         if f.name == EMBEDDING:
             data[f.name] = embedding_array(np.asarray(embeddings).reshape(n, dim), dtype)
         elif f.name == "model_id":

@@ -36,8 +36,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import shapely
 
 from pipelines.fsio import (
     atomic_write_json,
@@ -48,6 +50,8 @@ from pipelines.fsio import (
     safe_join,
     with_retries,
 )
+from pipelines.geo.geoparquet import BBOX, GEOMETRY, with_geo_metadata
+from pipelines.geo.prune import bbox_arrays
 from pipelines.store.manifest import (
     DEFAULT_LOCK_TIMEOUT_S,
     Manifest,
@@ -58,13 +62,17 @@ from pipelines.store.manifest import (
 )
 from pipelines.store.reader import EmbeddingStore
 from pipelines.store.schema import (
+    CURRENT_SCHEMA,
     DEFAULT_MAX_ROWS_PER_FILE,
     EMBEDDING,
+    GEO_COLUMNS,
     LEASE_SUFFIX,
     ROW_GROUP_ROWS,
+    SCHEMA_KEY,
     STAGING,
     StoreError,
     check_model_id,
+    has_geo,
     table_schema,
 )
 
@@ -113,12 +121,31 @@ class StagedUnit:
     unit: dict[str, Any]
     files: list[tuple[str, str, dict[str, Any]]]  # (staged path, final path, manifest file entry)
     moved: bool = False
-    replaces: dict[str, Any] | None = None  # the committed entry this unit supersedes (fingerprint, committed_at)
+    replaces: dict[str, Any] | None = (
+        None  # the committed entry this unit supersedes (fingerprint, committed_at)
+    )
 
 
 def replacement_token(entry: dict[str, Any]) -> dict[str, Any]:
     """What identifies a committed unit entry for `stage(..., replaces=)`: unchanged until it is replaced."""
     return {"fingerprint": entry.get("fingerprint"), "committed_at": entry.get("committed_at")}
+
+
+def _geo_schema(table: pa.Table) -> pa.Schema:
+    """The file's schema with GeoParquet's `geo` key: its geometry types and extent (none without footprints)."""
+    geoms = table.column(GEOMETRY).drop_null().to_pylist()
+    types = set(shapely.get_type_id(shapely.from_wkb(geoms)).tolist()) if geoms else set()
+    names = {
+        int(shapely.GeometryType.POLYGON): "Polygon",
+        int(shapely.GeometryType.MULTIPOLYGON): "MultiPolygon",
+    }
+    extent = None
+    if geoms:
+        xmin, ymin, xmax, ymax = bbox_arrays(table.column(BBOX))
+        extent = [np.nanmin(xmin), np.nanmin(ymin), np.nanmax(xmax), np.nanmax(ymax)]
+    # geometry_types [] means "any": used when a file holds something other than polygons
+    listed = [names[t] for t in types] if types <= set(names) else []
+    return with_geo_metadata(table.schema, listed, extent)
 
 
 def _alive(lease: dict[str, Any]) -> bool:
@@ -170,7 +197,10 @@ class VersionWriter:
         existing = store.read_manifest(model_id)
         if existing is None:
             now = _now()
-            self.manifest = Manifest(model_id=model_id, model=dict(model), created_at=now, updated_at=now)
+            # A new version gets the current schema (a test may ask for an older one); an existing one keeps
+            # the schema its files were written with.
+            first = {**model, SCHEMA_KEY: int(model.get(SCHEMA_KEY, CURRENT_SCHEMA))}
+            self.manifest = Manifest(model_id=model_id, model=first, created_at=now, updated_at=now)
         else:
             self._check_compatible(existing)
             self.manifest = existing
@@ -195,6 +225,29 @@ class VersionWriter:
     @property
     def dtype(self) -> str:
         return str(self.manifest.model["dtype"])
+
+    @property
+    def geo(self) -> bool:
+        """Whether this version's files have the geo columns (schema 2)."""
+        return has_geo(self.manifest.model)
+
+    def _conform(self, unit_id: str, table: str, data: pa.Table) -> pa.Table:
+        """`data` in this version's schema: a version written before the geo columns takes rows without
+        footprints (the geo columns dropped, so its new files match its old ones), never footprints."""
+        expected = table_schema(table, self.dim, self.dtype, geo=self.geo)
+        if not self.geo and GEO_COLUMNS[0] in data.column_names:
+            present = [
+                c for c in GEO_COLUMNS if c in data.column_names and data.column(c).null_count < len(data)
+            ]
+            if present:
+                raise StoreError(
+                    f"unit {unit_id}: version {self.model_id[:12]} in {self.store.url} was written before the "
+                    f"geo columns and cannot hold {', '.join(present)}; embed georeferenced chips into a new store"
+                )
+            data = data.drop_columns([c for c in GEO_COLUMNS if c in data.column_names])
+        if not data.schema.equals(expected):
+            raise StoreError(f"unit {unit_id}: {table} rows do not match the store schema:\n{data.schema}")
+        return data
 
     def done(self) -> dict[str, dict[str, Any]]:
         """Committed units by id (as of the last manifest this writer read)."""
@@ -270,11 +323,7 @@ class VersionWriter:
         self._renew_lease()
         files = []
         for table, data in tables.items():
-            expected = table_schema(table, self.dim, self.dtype)
-            if not data.schema.equals(expected):
-                raise StoreError(
-                    f"unit {unit_id}: {table} rows do not match the store schema:\n{data.schema}"
-                )
+            data = self._conform(unit_id, table, data)
             if prior is not None and prior.get(table) is not None:
                 raise StoreError(f"unit {unit_id} already has committed {table}; versions are append-only")
             unit[table] = data.num_rows
@@ -297,6 +346,8 @@ class VersionWriter:
         self.pending.append(StagedUnit(unit=unit, files=files, replaces=replaces))
 
     def _write_parquet(self, table: pa.Table, path: str) -> tuple[str, int]:
+        if GEOMETRY in table.column_names:
+            table = table.replace_schema_metadata(_geo_schema(table).metadata)
         if is_local(self.fs):
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
 
@@ -426,7 +477,9 @@ class VersionWriter:
                 files = [f for f in files if f.get("unit") != uid]
                 retired += [{"path": f["path"], "unit": uid, "retired_at": time.time()} for f in old]
                 self._replacing.append(uid)
-            elif prior is not None:  # a unit that gains a table (e.g. captions added later) keeps the old counts
+            elif (
+                prior is not None
+            ):  # a unit that gains a table (e.g. captions added later) keeps the old counts
                 unit = {**prior, **{k: v for k, v in unit.items() if v is not None}}
             units[uid] = {**unit, "committed_at": now}
             files.extend(entry for _, _, entry in staged.files if entry["path"] not in listed)
