@@ -66,6 +66,75 @@ def _alive_nodes(dashboard: str, token: str) -> int:
         return 0
 
 
+NODE_COMMON = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+
+
+def _node_ports() -> list[str]:
+    return [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}",
+    ]
+
+
+def _nodes(dashboard: str, token: str) -> list[dict]:
+    doc = _get_json(f"{dashboard}/api/v0/nodes?detail=true", token)
+    try:
+        return doc["data"]["result"]["result"]
+    except (TypeError, KeyError):
+        return []
+
+
+class ExtraNode:
+    """One more raylet joined to `ray_head` (`ray start --address --block` in its own process group), with a
+    custom resource of its own (`resource`) so tasks can be steered to it and its node id found. `kill()` is
+    SIGKILL of its whole process group (a node lost); `stop()` the polite end. Never the session's nodes."""
+
+    def __init__(
+        self, head: dict, *, num_cpus: int = 2, env: dict[str, str] | None = None, log: Path
+    ) -> None:
+        self.resource = f"extra-{uuid.uuid4().hex[:8]}"
+        cmd = [
+            RAY_CLI,
+            "start",
+            f"--address={head['address']}",
+            *NODE_COMMON,
+            f"--num-cpus={num_cpus}",
+            f"--resources={json.dumps({self.resource: 1})}",
+            *_node_ports(),
+        ]
+        self.log = open(log, "wb")  # noqa: SIM115 - closed by stop()/kill()
+        self.proc = subprocess.Popen(
+            cmd,
+            env={**head["node_env"], **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + HEAD_STARTUP_TIMEOUT_S
+        self.node_id = None
+        while self.node_id is None:
+            for n in _nodes(head["dashboard"], head["token"]):
+                if n.get("state") == "ALIVE" and self.resource in (n.get("resources_total") or {}):
+                    self.node_id = n["node_id"]
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"extra ray node did not join:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        _signal_group(self.proc, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+    def stop(self) -> None:
+        _stop([self.proc])
+        self.log.close()
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
@@ -123,17 +192,8 @@ def ray_head(s3_server):
     gcs, dash = _free_port(), _free_port()
     dashboard = f"http://127.0.0.1:{dash}"
 
-    def node_ports() -> list[str]:
-        return [
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--node-manager-port={_free_port()}",
-            f"--object-manager-port={_free_port()}",
-        ]
-
-    common = ["--block", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    node_ports = _node_ports
+    common = [*NODE_COMMON, "--num-cpus=2"]
     head_cmd = [
         RAY_CLI,
         "start",
@@ -164,19 +224,32 @@ def ray_head(s3_server):
         address = f"127.0.0.1:{gcs}"
         log2 = open(tmp / "worker.log", "wb")  # noqa: SIM115
         logs.append(log2)
-        worker_cmd = [RAY_CLI, "start", f"--address={address}", *common, *node_ports()]
-        procs.append(
-            subprocess.Popen(
+        def start_worker() -> subprocess.Popen:
+            worker_cmd = [RAY_CLI, "start", f"--address={address}", *common, *node_ports()]
+            return subprocess.Popen(
                 worker_cmd, env=env, stdout=log2, stderr=subprocess.STDOUT, start_new_session=True
             )
-        )
+
+        procs.append(start_worker())
+        retried = False
         while _alive_nodes(dashboard, token) < 2:
+            # On an overloaded machine `ray start` can give up on the GCS (an RPC deadline); once, try again.
+            if procs[1].poll() is not None and not retried and time.monotonic() < deadline:
+                retried = True
+                procs[1] = start_worker()
             if procs[1].poll() is not None or time.monotonic() > deadline:
                 pytest.fail(
                     f"second ray node did not join:\n{(tmp / 'worker.log').read_text(errors='replace')[-3000:]}"
                 )
             time.sleep(0.5)
-        yield {"address": address, "dashboard": dashboard, "env": client_env, "token": token, "tmp": tmp}
+        yield {
+            "address": address,
+            "dashboard": dashboard,
+            "env": client_env,
+            "token": token,
+            "tmp": tmp,
+            "node_env": env,  # the environment the nodes were started with (for `join_node`)
+        }
     finally:
         _stop(list(reversed(procs)))
         for f in logs:

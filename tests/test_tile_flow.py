@@ -3,6 +3,7 @@ nightly re-run that tiles only the new scene, and its deployment in prefect.yaml
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -88,3 +89,49 @@ def test_tile_archive_deployment_is_nightly(prefect_server):
         dep.parameter_openapi_schema["properties"]
     )
     assert set(dep.parameter_openapi_schema["required"]) == {"source", "dest"}
+
+
+def test_tile_archive_flow_submits_a_ray_job_with_the_bytes_of_a_local_run(
+    prefect_server, ray_head, tmp_path, monkeypatch
+):
+    """`ray_address=http://HEAD:8265`: the flow submits `python -m pipelines.tile ... --ray auto` to the two-node
+    test cluster (chips written by Ray tasks, the same distributor as `ssjdn shard --ray`), streams the job's
+    log into the flow run's log; the shards are byte for byte those of a local run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.tile import tile_archive
+    from pipelines.tile.job import tile_scenes
+
+    for k, v in ray_head["env"].items():
+        monkeypatch.setenv(k, v)
+    scene = ts.GEOTIFF / "world.rgb.tif"
+    local = tile_scenes(scene, str(tmp_path / "local"), chip_size=128, maxcount=2, workers=1, progress=False)
+    dest = str(tmp_path / "ray")
+    state = tile_archive(
+        source=str(scene),
+        dest=dest,
+        chip_size=128,
+        maxcount=2,
+        ray_address=ray_head["dashboard"],
+        python=sys.executable,
+        upload_code=False,
+        return_state=True,
+    )
+    assert state.is_completed(), state
+    summary = state.result()
+    assert (summary["chips"], summary["shards"], summary["written"], summary["scenes_tiled"]) == (8, 4, 4, 1)
+    manifest = read_manifest(dest)
+    assert [(e["path"], e["sha256"]) for e in manifest["shards"]] == [
+        (e["path"], e["sha256"]) for e in local.manifest["shards"]
+    ]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "ray" / "_stats").rglob("shard-*.json")]
+    assert len(records) == 4 and all(len(r["node"]) == 56 for r in records)  # Ray node ids wrote them
+    flush_run_logs()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])), limit=200
+        )
+    messages = "\n".join(log.message for log in logs)
+    assert "4 shard job(s) as Ray tasks on auto" in messages  # the job's own log, streamed
+    assert f"{dest}/_manifest.json: 8 chips" in messages

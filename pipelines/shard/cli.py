@@ -11,13 +11,14 @@ HELP = "shard an image-caption dataset into WebDataset tars (local path, s3://bu
 
 def configure(p: argparse.ArgumentParser) -> None:
     from pipelines.options import add_arguments
-    from pipelines.shard.options import ShardOptions
+    from pipelines.shard.options import ShardOptions, add_ray_arguments
 
     p.add_argument("dataset", metavar="DATASET", help="dataset folder or description file (see `ssjdn data`)")
     p.add_argument(
         "dest", metavar="DEST_URL", help="output: a local path, s3://bucket/prefix, or any fsspec URL"
     )
     add_arguments(p, ShardOptions)
+    add_ray_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.shard.job import shard_dataset
     from pipelines.shard.options import ShardOptions
 
-    options = from_args(ShardOptions, args)
+    options = from_args(ShardOptions, args, ray=args.ray)
     options = dataclasses.replace(options, progress=options.progress and sys.stderr.isatty())
     result = shard_dataset(args.dataset, args.dest, options)
     m = result.manifest

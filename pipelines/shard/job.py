@@ -21,9 +21,7 @@ import json
 import logging
 import os
 import posixpath
-import queue
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -31,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.fsio import (
-    StorageError,
     atomic_write_bytes,
     atomic_write_json,
     describe_endpoint,
@@ -42,6 +39,7 @@ from pipelines.fsio import (
     safe_join,
     with_retries,
 )
+from pipelines.shard.distribute import Distributor, LocalPool, Progress
 from pipelines.shard.layout import (
     FORMAT,
     MANIFEST,
@@ -65,13 +63,7 @@ from pipelines.shard.plan import (
     TooManyBadSamplesError,
     plan_shards,
 )
-from pipelines.shard.write import (
-    init_worker,
-    set_progress_sink,
-    worker_ready,
-    write_shard,
-    write_shard_in_worker,
-)
+from pipelines.shard.write import write_shard
 
 log = logging.getLogger(__name__)
 
@@ -176,28 +168,6 @@ def _clear_destination(fs, root: str, shards: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------- many shards
 
 
-class _Progress:
-    """tqdm bar over samples with MB/s of image bytes in the postfix."""
-
-    def __init__(self, total: int, enabled: bool, desc: str) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, unit="sample", desc=desc, disable=not enabled, dynamic_ncols=True)
-        self.bytes = 0
-        self.t0 = time.monotonic()
-        self.lock = threading.Lock()  # the parent's writer thread and the main thread both report
-
-    def update(self, samples: int, nbytes: int) -> None:
-        with self.lock:
-            self.bytes += nbytes
-            self.bar.update(samples)
-            dt = max(time.monotonic() - self.t0, 1e-6)
-            self.bar.set_postfix_str(f"{self.bytes / 1e6 / dt:.1f} MB/s", refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def write_shards(
     plan: ShardPlan,
     jobs: Sequence[ShardJob] | None = None,
@@ -205,15 +175,19 @@ def write_shards(
     workers: int = 1,
     progress: bool = True,
     on_result: Callable[[ShardResult], None] | None = None,
+    ray: str | None = None,
+    ray_resource: str | None = None,
 ) -> list[ShardResult]:
-    """Write `jobs` (default: the whole plan) with `workers` writers - this process plus `workers - 1` worker
-    processes (see `_run_pool`); returns results in plan order.
+    """Write `jobs` (default: the whole plan) and return their results in plan order.
 
-    Stops early - without a manifest - when a shard keeps failing on storage or when the bad samples
-    already exceed `max_bad_fraction` of the whole plan.
+    Who writes them is the distributor's business (`pipelines.shard.distribute`): by default `workers` writers on
+    this machine (this process plus up to `workers - 1` worker processes); with `ray` (a cluster address or
+    `auto`) one Ray task per job across the cluster's nodes (`ray_resource`: only nodes offering it).
+    Stops early - without a manifest - when shards keep failing on storage or when the bad samples already
+    exceed `max_bad_fraction` of the whole plan.
     """
     jobs = list(plan.jobs if jobs is None else jobs)
-    bar = _Progress(sum(j.count for j in jobs), progress, f"shard {plan.dataset_name}")
+    bar = Progress(sum(j.count for j in jobs), len(jobs), progress, f"shard {plan.dataset_name}")
     allowed_bad = plan.ctx.options.max_bad_fraction * plan.total_samples
     bad_so_far = len(plan.bad)
     results: dict[tuple[str, int], ShardResult] = {}
@@ -222,6 +196,7 @@ def write_shards(
         nonlocal bad_so_far
         results[(r.split, r.index)] = r
         bad_so_far += len(r.bad)
+        bar.job_done()
         if on_result:
             on_result(r)
         if bad_so_far > allowed_bad:  # it can only grow: stop now rather than after the whole dataset
@@ -231,22 +206,21 @@ def write_shards(
     try:
         if len(plan.bad) > allowed_bad:  # the reader and the file listing already found too many
             raise _too_many_bad(plan, write_quarantine_report(plan, []), stopped_early=True)
-        if workers <= 1 or len(jobs) <= 1:
-            saved = set_progress_sink(bar.update)
-            try:
-                for job in jobs:
-                    accept(write_shard(job, plan.ctx, plan.dataset_name))
-            finally:
-                set_progress_sink(saved)
-        else:
-            _run_pool(jobs, plan, workers, bar, accept)
+        if jobs:
+            distributor(workers, ray, ray_resource).run(jobs, plan, bar, accept)
     finally:
         bar.close()
     return [results[(j.split, j.index)] for j in jobs]
 
 
-class _Stopped(Exception):
-    """Raised inside the parent's writer thread (at its next sample) once the run is stopping."""
+def distributor(workers: int, ray: str | None = None, ray_resource: str | None = None) -> Distributor:
+    """Ray tasks when `ray` names a cluster, else the local pool (this module's `MIN_WORK_FOR_WORKERS_S` and
+    `write_shard` are looked up now, so a test may replace them)."""
+    if ray:
+        from pipelines.shard.ray_distribute import RayTasks
+
+        return RayTasks(ray, ray_resource)
+    return LocalPool(workers, MIN_WORK_FOR_WORKERS_S, write_shard)
 
 
 # Worker processes are started only when the shards nobody has taken yet would keep this process busy for
@@ -255,113 +229,6 @@ class _Stopped(Exception):
 # that started one were measured slower (UCM with --validate full: 1.7 s without, 3.0-3.2 s with one).
 # 0 starts the workers right away.
 MIN_WORK_FOR_WORKERS_S = 2.0
-
-
-def _run_pool(jobs: list[ShardJob], plan: ShardPlan, workers: int, bar: _Progress, accept) -> None:
-    """`workers` writers: a thread of this (already warm) process plus up to `workers - 1` spawned processes.
-
-    This process starts writing at once. Worker processes are started only once the shards nobody has taken
-    yet would keep this process busy for longer than `MIN_WORK_FOR_WORKERS_S` (judged from its rate so far),
-    and a worker is handed a shard only once it has started: no shard waits for a process
-    that is not ready, and a small run is simply written here. Shards go one at a time to whichever writer
-    is free; their bytes do not depend on which one writes them.
-    """
-    import concurrent.futures as cf
-    import multiprocessing as mp
-    from collections import deque
-
-    todo = deque(jobs)
-    stop = threading.Event()
-    done_here = [0]  # samples this process has written (its rate decides whether workers are worth starting)
-
-    def report_here(samples: int, nbytes: int) -> None:
-        if stop.is_set():  # a cancellation point per sample: the failure elsewhere is reported, not this
-            raise _Stopped("run stopping")
-        done_here[0] += samples
-        bar.update(samples, nbytes)
-
-    def write_here(job: ShardJob) -> ShardResult:
-        saved = set_progress_sink(report_here)
-        try:
-            return write_shard(job, plan.ctx, plan.dataset_name)
-        finally:
-            set_progress_sink(saved)
-
-    here = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-    procs: cf.ProcessPoolExecutor | None = None
-    q = None
-    running: dict[cf.Future, tuple[cf.Executor, ShardJob | None]] = {}
-    t0 = time.monotonic()
-
-    def hand_out(executor: cf.Executor) -> None:
-        if todo:
-            job = todo.popleft()
-            if executor is here:
-                running[here.submit(write_here, job)] = (here, job)
-            else:
-                running[executor.submit(write_shard_in_worker, job, plan.ctx, plan.dataset_name)] = (
-                    executor,
-                    job,
-                )
-
-    def start_workers_if_worth_it() -> None:
-        nonlocal procs, q
-        if procs is not None or not todo:
-            return
-        if MIN_WORK_FOR_WORKERS_S > 0:
-            elapsed = time.monotonic() - t0
-            if not done_here[0] or elapsed < 0.25:  # no steady rate yet
-                return
-            if sum(j.count for j in todo) * elapsed / done_here[0] <= MIN_WORK_FOR_WORKERS_S:
-                return
-        # spawn, not fork: the parent may already hold s3fs's event-loop thread and open connections.
-        mpctx = mp.get_context("spawn")
-        q = mpctx.Queue()
-        n = min(workers - 1, len(todo))
-        procs = cf.ProcessPoolExecutor(
-            max_workers=n, mp_context=mpctx, initializer=init_worker, initargs=(q,)
-        )
-        for _ in range(n):  # each submit starts one process; its first task says when it is ready
-            running[procs.submit(worker_ready, plan.ctx)] = (procs, None)
-        log.debug("started %d worker process(es) for %d remaining shard(s)", n, len(todo))
-
-    try:
-        start_workers_if_worth_it()
-        hand_out(here)
-        while running:
-            done, _ = cf.wait(running, timeout=0.1, return_when=cf.FIRST_COMPLETED)
-            if q is not None:
-                _drain(q, bar)
-            for fut in done:
-                executor, job = running.pop(fut)
-                try:
-                    result = fut.result()
-                except (StorageError, ShardError):
-                    raise
-                except Exception as exc:
-                    what = f"shard {job.name}" if job else "starting a worker process"
-                    raise ShardError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
-                if job is not None:
-                    accept(result)
-                hand_out(executor)
-            start_workers_if_worth_it()
-        if q is not None:
-            _drain(q, bar)
-    finally:
-        stop.set()
-        here.shutdown(wait=True, cancel_futures=True)
-        if procs is not None:
-            procs.shutdown(wait=True, cancel_futures=True)
-            q.close()
-
-
-def _drain(q, bar: _Progress) -> None:
-    while True:
-        try:
-            samples, nbytes = q.get_nowait()
-        except queue.Empty:
-            return
-        bar.update(samples, nbytes)
 
 
 # ---------------------------------------------------------------------------------------------- commit
@@ -558,7 +425,13 @@ def shard_dataset(
             where,
         )
         prepare_destination(plan, overwrite=options.overwrite)
-        results = write_shards(plan, workers=options.workers, progress=options.progress)
+        results = write_shards(
+            plan,
+            workers=options.workers,
+            progress=options.progress,
+            ray=options.ray,
+            ray_resource=options.ray_resource,
+        )
         manifest = finalize(plan, results)
     finally:
         plan.close()

@@ -3,6 +3,7 @@ are all built from `ShardOptions`."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,26 @@ from pipelines.shard.layout import REENCODE, SPLIT_ORDER
 
 class ShardOptionsError(PipelineError, ValueError):
     """An option value that cannot work (named, with the accepted values)."""
+
+
+RAY_HELP = (
+    "run the jobs as Ray tasks across a cluster: ADDRESS is its GCS address (HOST:6379) or `auto` (the running "
+    "cluster: inside `ray job submit`, or the head on this machine; the default without ADDRESS); workers take "
+    "storage credentials from their own node's environment"
+)
+
+
+def check_ray_address(address: str | None) -> None:
+    """`--ray` takes what `ray.init(address=...)` takes; the dashboard URL is for `ray job submit` (one line)."""
+    if address is not None and (not address.strip() or address.startswith(("http://", "https://"))):
+        raise ShardOptionsError(
+            f"--ray {address!r}: expected `auto` or the cluster's GCS address HOST:PORT; the dashboard URL "
+            f"is for `ray job submit --address URL -- python -m pipelines.<job> ... --ray auto`"
+        )
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS", help=RAY_HELP)
 
 
 def _default_workers() -> int:
@@ -73,6 +94,18 @@ class ShardOptions:
         help="writers: this process plus up to W-1 worker processes, started only when the remaining work "
         "outlasts their start-up (default: min(4, CPUs))",
     )
+    ray: str | None = option(
+        None,
+        cli=False,  # `--ray [ADDRESS]` (an optional value) is added by the CLI itself: see `add_ray_arguments`
+        flow=False,  # the flows take `ray_address`
+        help=RAY_HELP,
+    )
+    ray_resource: str | None = option(
+        None,
+        metavar="NAME",
+        help="with --ray: run jobs only on nodes that offer this custom resource (`ray start --resources "
+        "'{\"NAME\": 1}'`, e.g. the nodes that can reach the archive)",
+    )
     overwrite: bool = option(
         False, action="store_true", help="replace shards of another dataset/options at DEST"
     )
@@ -125,6 +158,7 @@ class ShardOptions:
             raise ShardOptionsError(f"max_bad_fraction must be within [0, 1] (got {self.max_bad_fraction})")
         if self.workers < 1:
             raise ShardOptionsError(f"workers must be >= 1 (got {self.workers})")
+        check_ray_address(self.ray)
 
     def output_options(self) -> dict[str, Any]:
         """The options that decide the shards' content (what a destination and each shard's digest are checked

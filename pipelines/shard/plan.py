@@ -57,6 +57,11 @@ class PlanFile:
         if self._remove is not None:
             self._remove()
 
+    def read(self, offset: int, length: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
     def __reduce__(self):
         return _plan_file_reference, (self.path,)
 
@@ -68,6 +73,24 @@ def _plan_file_reference(path: str) -> PlanFile:
     return PlanFile(path, owner=False)
 
 
+class InlinePlan:
+    """The plan lines of one job, carried with it: a task on another node has no access to the plan file."""
+
+    path = None
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+    def remove(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"InlinePlan({len(self.data)} bytes)"
+
+
 @dataclass
 class ShardJob:
     """One shard: where it goes and which samples it holds - a byte range of the plan file, one JSON line per
@@ -76,7 +99,7 @@ class ShardJob:
     split: str
     index: int
     path: str  # relative to DEST, e.g. "train/shard-000000.tar"
-    plan_file: PlanFile  # written by `plan_shards`
+    plan_file: PlanFile | InlinePlan  # written by `plan_shards`; inline once sent by value (`by_value`)
     offset: int
     length: int
     count: int
@@ -92,10 +115,15 @@ class ShardJob:
 
     def planned(self) -> list[tuple[dict[str, Any], int, float | str | None]]:
         """(sample metadata, source size, source mtime) per sample, in shard order."""
-        with open(self.plan_file.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.length)
+        data = self.plan_file.read(self.offset, self.length)
         return [tuple(json.loads(line)) for line in data.splitlines()]
+
+    def by_value(self) -> ShardJob:
+        """A copy that carries its own plan lines, so it runs on any node (the plan file is this machine's)."""
+        if isinstance(self.plan_file, InlinePlan):
+            return self
+        data = self.plan_file.read(self.offset, self.length)
+        return dataclasses.replace(self, plan_file=InlinePlan(data), offset=0)
 
     def keys(self) -> list[str]:
         return [meta["key"] for meta, _, _ in self.planned()]
@@ -119,6 +147,7 @@ class ShardResult:
     bad: list[dict[str, Any]] = field(default_factory=list)
     classes: dict[str, int] = field(default_factory=dict)  # samples written per class name
     skipped: bool = False
+    node: str | None = None  # which machine wrote it: the Ray node id, else the host name (record only)
 
     def entry(self) -> dict[str, Any]:
         """The shard's manifest entry."""
@@ -142,12 +171,18 @@ class ShardResult:
             "input_bytes": self.input_bytes,
             "bad_samples": self.bad,
             "classes": self.classes,
+            "node": self.node,
         }
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> ShardResult:
-        fields = {f.name for f in dataclasses.fields(cls)} - {"bad", "skipped"}
-        return cls(**{k: rec[k] for k in fields}, bad=list(rec.get("bad_samples", [])), skipped=True)
+        fields = {f.name for f in dataclasses.fields(cls)} - {"bad", "skipped", "node"}
+        return cls(
+            **{k: rec[k] for k in fields},
+            bad=list(rec.get("bad_samples", [])),
+            skipped=True,
+            node=rec.get("node"),  # records written before the field existed have none
+        )
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,13 @@ one decode with `validate="full"`), one json dump, and one hand-over of the samp
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import posixpath
+import socket
 import threading
 import time
 from collections import deque
@@ -37,6 +39,7 @@ from pipelines.fsio import (
     temp_path,
     with_retries,
 )
+from pipelines.shard import faults
 from pipelines.shard.layout import (
     EXT_OF_FORMAT,
     REENCODE,
@@ -191,6 +194,7 @@ def _prepared(planned: list, options: ShardOptions, dataset: str) -> Iterator[tu
         out = []
         for meta in batch:
             try:
+                faults.before_read(meta["source"])
                 out.append(_sample_members(meta, options, dataset))
             except Exception as exc:  # sorted out by the caller: a bad sample, or re-raised
                 out.append(exc)
@@ -330,6 +334,8 @@ def _write_once(job: ShardJob, ctx: WriteContext, fs, root: str, dataset: str) -
             for meta, prepared in samples:
                 if isinstance(prepared, BaseException):
                     if not _is_bad_sample_error(prepared):
+                        with contextlib.suppress(AttributeError):  # which URL failed, for the error message
+                            prepared.source_url = meta.get("source")
                         raise prepared
                     reason = f"{type(prepared).__name__}: {prepared}"
                     details = getattr(prepared, "details", {})  # e.g. a chip's scene and window
@@ -381,12 +387,19 @@ def _committed(job: ShardJob, fs, root: str) -> ShardResult | None:
     return ShardResult.from_record(rec)
 
 
-def write_shard(job: ShardJob, ctx: WriteContext, dataset: str) -> ShardResult:
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def write_shard(job: ShardJob, ctx: WriteContext, dataset: str, node: str | None = None) -> ShardResult:
     """Write (or verify and skip) one shard, then its per-shard record. Storage errors are retried.
 
     Safe to run concurrently with other shards and to kill at any point: the shard only appears under its
-    final name when complete, and its record is written after it.
+    final name when complete, and its record is written after it. `node` (default: the host name) is recorded
+    as the machine that wrote it.
     """
+    node = node or this_host()
+    faults.before_job(job.name, node)
     fs, root = get_fs(ctx.dest_url, ctx.storage_options)
     where = f"shard {job.name} -> {full_url(fs, safe_join(root, job.path))}"
 
@@ -396,6 +409,7 @@ def write_shard(job: ShardJob, ctx: WriteContext, dataset: str) -> ShardResult:
             report_progress(job.count, 0)
             return done
         result = _write_once(job, ctx, fs, root, dataset)
+        result.node = node
         atomic_write_bytes(
             fs, safe_join(root, job.stats_path), json_bytes(result.record()), safe_join(root, TMP)
         )

@@ -14,6 +14,7 @@ HELP = (
 
 def configure(p: argparse.ArgumentParser) -> None:
     from pipelines.options import add_arguments
+    from pipelines.shard.options import add_ray_arguments
     from pipelines.tile.options import TileOptions
 
     p.add_argument(
@@ -26,6 +27,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "dest", metavar="DEST_URL", help="output: a local path, s3://bucket/prefix, or any fsspec URL"
     )
     add_arguments(p, TileOptions)
+    add_ray_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not getattr(args, "verbose", False):  # GDAL's own messages (e.g. a corrupted tile) go to the report
         logging.getLogger("rasterio").setLevel(logging.WARNING)
-    options = from_args(TileOptions, args)
+    options = from_args(TileOptions, args, ray=args.ray)
     options = dataclasses.replace(options, progress=options.progress and sys.stderr.isatty())
     result = tile_scenes(args.source, args.dest, options)
     t = result.manifest["tile"]["totals"]

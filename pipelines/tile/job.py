@@ -174,7 +174,17 @@ def tile_scenes(
         for b in plan.bad_scenes:
             log.warning("scene quarantined: %s", b["reason"])
         prepare_destination(sp, overwrite=options.overwrite)
-        results = write_shards(sp, workers=options.workers, progress=options.progress) if plan.jobs else []
+        results = (
+            write_shards(
+                sp,
+                workers=options.workers,
+                progress=options.progress,
+                ray=options.ray,
+                ray_resource=options.ray_resource,
+            )
+            if plan.jobs
+            else []
+        )
         manifest = finalize(sp, plan.carried_results + results, extra={"tile": tile_section(plan, results)})
     finally:
         plan.close()

@@ -13,6 +13,7 @@ from pipelines.cli_types import comma_list, fraction, positive_int
 from pipelines.errors import PipelineError
 from pipelines.fsio import parse_storage_options
 from pipelines.options import option
+from pipelines.shard.options import RAY_HELP, check_ray_address
 from pipelines.tile.rio import GDAL_CACHE_MB
 
 ENCODINGS = {"png": "PNG", "jpg": "JPEG"}
@@ -172,6 +173,13 @@ class TileOptions:
         type=positive_int,
         help="writers: this process plus up to W-1 worker processes (default: min(4, CPUs))",
     )
+    ray: str | None = option(None, cli=False, flow=False, help=RAY_HELP)  # `--ray [ADDRESS]`: see cli.py
+    ray_resource: str | None = option(
+        None,
+        metavar="NAME",
+        help="with --ray: run jobs only on nodes that offer this custom resource (e.g. the nodes that can "
+        "reach the archive)",
+    )
     overwrite: bool = option(
         False, action="store_true", help="replace chips written from another source or with other options"
     )
@@ -236,6 +244,7 @@ class TileOptions:
         if bands is not None and len(bands) not in (1, 3):
             raise ValueError(f"--bands {self.bands}: PNG/JPEG chips hold 1 or 3 bands (got {len(bands)})")
         self.scaling  # noqa: B018 - parses (and so checks) --scale
+        check_ray_address(self.ray)
 
     @property
     def step(self) -> int:
