@@ -13,6 +13,9 @@ STORE ?= ./store
 OUT ?= ./demo-out
 EPOCHS ?= 3
 PYTEST_ARGS ?=
+# Two pytest workers: most of the suite waits on processes starting (Ray, Prefect, interpreters), so two share
+# two cores well. Tests on the two-node Ray cluster run in one worker (one cluster). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 # torch's OpenMP threads spin at barriers by default; on a shared or oversubscribed CPU (Ray workers, loaders,
 # CI) that costs ~10x per training step. Passive waiting is the right default everywhere we run.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -34,7 +37,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 describe: install
 	$(BIN)/ssjdn data describe $(or $(DATA),../shared/data/ucm-captions)
