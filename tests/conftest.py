@@ -24,10 +24,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs two workers): every test on the two-node Ray cluster goes to one
-    worker, so one cluster is started, not one per worker (`--dist loadgroup`)."""
-    for item in items:
-        if "ray_head" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("ray-cluster"))
+    worker, so one cluster is started, not one per worker (`--dist loadgroup`), and those tests come first."""
+    cluster = [item for item in items if "ray_head" in getattr(item, "fixturenames", ())]
+    for item in cluster:
+        item.add_marker(pytest.mark.xdist_group("ray-cluster"))
+    # The cluster's tests are the longest serial stretch of the suite: handed out first, they run in one worker
+    # while the other takes everything else, instead of being the tail after both are done.
+    if config.pluginmanager.has_plugin("xdist") and getattr(config.option, "numprocesses", None):
+        chosen = set(map(id, cluster))
+        items[:] = cluster + [item for item in items if id(item) not in chosen]
 
 
 def _free_port() -> int:

@@ -25,7 +25,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_arguments(p, QueryOptions)
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument(
-        "--html", default=None, metavar="OUT.html", help="write a page of thumbnails, captions and scores"
+        "--html",
+        default=None,
+        metavar="OUT.html",
+        help="write a page of thumbnails, captions and scores (hits with footprints also drawn on their "
+        "scene's overview from the tile run, offline)",
     )
     p.add_argument(
         "--geojson",
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         text=args.text,
         image=args.image,
         image_at=args.image_at,
-        geometry=bool(args.geojson),
+        geometry=bool(args.geojson or args.html),
     )
     if args.geojson:
         from pipelines.geo.geojson import write_geojson
@@ -81,11 +85,14 @@ def _write_html(path: str, result, options) -> None:
     import logging
 
     from pipelines.fsio import atomic_write_bytes, get_fs
-    from pipelines.search.page import fetch_images, render_page
+    from pipelines.search.page import fetch_images, fetch_scene_maps, render_page
 
     images = fetch_images([h.source for h in result.hits], options)
+    maps = fetch_scene_maps(result.hits, images, options)
     info = {"model_id": result.model_id[:12], "mode": result.mode, "k": len(result.hits)}
-    page = render_page(f"ssjdn query: {result.query}", result.hits, images, info)
+    if maps:
+        info["footprints drawn"] = sum(len(m.outlines) for m in maps)
+    page = render_page(f"ssjdn query: {result.query}", result.hits, images, info, maps)
     fs, out = get_fs(path, options)
     atomic_write_bytes(fs, out, page.encode("utf-8"))
     logging.getLogger("ssjdn.query").info("wrote %s (%d results)", path, len(result.hits))

@@ -105,7 +105,8 @@ def filter_rows(t: _Columns, filt: GeoFilter) -> np.ndarray:
                 f"{flags}: {where} holds no footprints: none of its {t.rows} {t.table} rows has a geometry "
                 "(only chips of georeferenced scenes have one)"
             )
-        keep &= bbox_prune_mask(*bbox_arrays(bbox), filt)
+        boxes = bbox_arrays(bbox)
+        keep &= bbox_prune_mask(*boxes, filt)
     if filt.temporal:
         stamps = t.column(DATETIME)
         if t.rows and stamps.null_count == t.rows:
@@ -115,8 +116,19 @@ def filter_rows(t: _Columns, filt: GeoFilter) -> np.ndarray:
         keep &= time_mask(stamps, filt)
     rows = np.flatnonzero(keep).astype(np.int64)
     if filt.spatial and len(rows):
-        geoms = snapshot.take(t.table, rows, [GEOMETRY]).column(GEOMETRY)
-        rows = rows[spatial_mask(geoms, filt)]
+        inside = np.zeros(len(rows), dtype=bool)
+        if filt.near is None:
+            # A footprint lies inside its bbox: a bbox inside the query box means the footprint meets it, so only
+            # the footprints on the box's edge are read and decided (most candidates of a small box need no read).
+            xmin, ymin, xmax, ymax = (np.asarray(a, dtype=float)[rows] for a in boxes)
+            for lo_lon, lo_lat, hi_lon, hi_lat in filt.bbox_parts():
+                inside |= (xmin >= lo_lon) & (xmax <= hi_lon) & (ymin >= lo_lat) & (ymax <= hi_lat)
+        edge = rows[~inside]
+        if len(edge):
+            take = getattr(t, "take_column", None)
+            geoms = take(GEOMETRY, edge) if take else snapshot.take(t.table, edge, [GEOMETRY]).column(GEOMETRY)
+            edge = edge[spatial_mask(geoms, filt)]
+        rows = np.sort(np.concatenate([rows[inside], edge]))
     return rows
 
 

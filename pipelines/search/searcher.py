@@ -205,6 +205,13 @@ class _Table:
                 )
             return self.columns[name]
 
+    def take_column(self, name: str, rows: np.ndarray) -> pa.Array | pa.ChunkedArray:
+        """One column's values at `rows`: from memory on a table whose metadata is held there (the column is then
+        read once per generation), else from the row groups holding them."""
+        if self.metadata is not None:
+            return self.column(name).take(pa.array(rows, pa.int64()))
+        return self.snapshot.take(self.table, rows, [name]).column(name)
+
     def key_index(self) -> KeyIndex:
         with self.keys_lock:  # built once, however many requests ask for it at the same time
             if self.keys is None:
