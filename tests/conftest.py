@@ -22,6 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs two workers): every test on the two-node Ray cluster goes to one
     worker, so one cluster is started, not one per worker (`--dist loadgroup`), and those tests come first."""
@@ -30,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group("ray-cluster"))
     # The cluster's tests are the longest serial stretch of the suite: handed out first, they run in one worker
     # while the other takes everything else, instead of being the tail after both are done.
-    if config.pluginmanager.has_plugin("xdist") and getattr(config.option, "numprocesses", None):
+    if hasattr(config, "workerinput"):  # an xdist worker: its collection order is the order work is handed out
         chosen = set(map(id, cluster))
         items[:] = cluster + [item for item in items if id(item) not in chosen]
 
