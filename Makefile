@@ -14,7 +14,7 @@ OUT ?= ./demo-out
 EPOCHS ?= 3
 PYTEST_ARGS ?=
 # Two pytest workers: most of the suite waits on processes starting (Ray, Prefect, interpreters), so two share
-# two cores well. Tests on the two-node Ray cluster run in one worker (one cluster). TEST_WORKERS=0: serial.
+# two cores well. Each worker may start its own two-node Ray cluster (tests/conftest.py). TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 2
 # torch's OpenMP threads spin at barriers by default; on a shared or oversubscribed CPU (Ray workers, loaders,
 # CI) that costs ~10x per training step. Passive waiting is the right default everywhere we run.
