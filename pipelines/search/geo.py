@@ -77,6 +77,8 @@ class _Columns(Protocol):
 
     def column(self, name: str) -> pa.ChunkedArray: ...
 
+    def take_column(self, name: str, rows: np.ndarray) -> pa.Array | pa.ChunkedArray: ...
+
 
 def check_version(snapshot: Snapshot, table: str, filt: GeoFilter) -> None:
     """Refuse a filter this version's schema cannot answer (written before the geo columns)."""
@@ -125,8 +127,7 @@ def filter_rows(t: _Columns, filt: GeoFilter) -> np.ndarray:
                 inside |= (xmin >= lo_lon) & (xmax <= hi_lon) & (ymin >= lo_lat) & (ymax <= hi_lat)
         edge = rows[~inside]
         if len(edge):
-            take = getattr(t, "take_column", None)
-            geoms = take(GEOMETRY, edge) if take else snapshot.take(t.table, edge, [GEOMETRY]).column(GEOMETRY)
+            geoms = t.take_column(GEOMETRY, edge)
             edge = edge[spatial_mask(geoms, filt)]
         rows = np.sort(np.concatenate([rows[inside], edge]))
     return rows
