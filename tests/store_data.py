@@ -17,6 +17,27 @@ def fake_model_id(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 
+def unit_tables(model_id: str, n: int, seed: int, dim: int = 16) -> dict:
+    """One unit's `images` table of `n` rows (keys `syn__u{seed}_...`), for `VersionWriter.stage`."""
+    return {
+        "images": build_table(
+            "images", image_columns(seed, n), unit_vectors(n, dim, seed), dim=dim, model_id=model_id
+        )
+    }
+
+
+def committed_version(url: str, name: str, units: dict[str, tuple[int, int]]):
+    """(store, model id) of a version holding `units` ({id: (rows, seed)}, fingerprint = id), one commit."""
+    store = EmbeddingStore(url)
+    mid = fake_model_id(name)
+    writer = VersionWriter(store, mid, {"dim": 16, "dtype": "float32"})
+    for uid, (n, seed) in units.items():
+        writer.stage({"id": uid, "kind": "shard", "fingerprint": uid}, unit_tables(mid, n, seed))
+    writer.commit()
+    writer.close()
+    return store, mid
+
+
 def unit_vectors(n: int, dim: int, seed: int, clusters: int = 8) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((clusters, dim)).astype(np.float32)

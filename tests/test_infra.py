@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import shlex
 import subprocess
@@ -160,4 +161,15 @@ def test_prefect_deployment_and_work_pool_agree_with_the_flow():
     assert (REPO / path).is_file() and func == train_ssjdn.fn.__name__
     assert train_ssjdn.name == "train-ssjdn"
     assert set(dep.get("parameters", {})) <= set(inspect.signature(train_ssjdn.fn).parameters)
+    for dep in doc["deployments"]:  # every deployment names a flow that exists and only its parameters
+        path, func = dep["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        flow = getattr(module, func)
+        unknown = set(dep.get("parameters", {})) - set(inspect.signature(flow.fn).parameters)
+        assert not unknown, (dep["name"], unknown)
+    (scenes,) = [d for d in doc["deployments"] if d["name"] == "reindex-scenes"]
+    from flows.reindex import scene_tile_options
+    from pipelines.embed.options import EmbedOptions
+
+    assert scene_tile_options(scenes["parameters"]["tile_options"], EmbedOptions()).chip_size == 256
     assert subprocess.run(["bash", "-n", str(INFRA / "prefect" / "setup-work-pool.sh")]).returncode == 0

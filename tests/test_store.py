@@ -20,9 +20,11 @@ from pipelines.store.schema import StoreError, build_table, embeddings_to_numpy,
 from pipelines.store.writer import VersionWriter
 from tests.conftest import REPO
 from tests.store_data import (
+    committed_version,
     fake_model_id,
     image_columns,
     is_embedding_type,
+    unit_tables,
     unit_vectors,
     write_synthetic_version,
 )
@@ -165,8 +167,8 @@ def test_a_replaced_unit_swaps_its_files_in_one_commit_and_old_files_outlive_rea
     mid = fake_model_id("replace")
     model = {"dim": 16, "dtype": "float32"}
     first = VersionWriter(store, mid, model)
-    first.stage({"id": "a.tar", "fingerprint": "v1"}, _unit(mid, 4, 1))
-    first.stage({"id": "b.tar", "fingerprint": "b1"}, _unit(mid, 2, 2))
+    first.stage({"id": "a.tar", "fingerprint": "v1"}, unit_tables(mid, 4, 1))
+    first.stage({"id": "b.tar", "fingerprint": "b1"}, unit_tables(mid, 2, 2))
     first.commit()
     first.close()
     old = store.snapshot(mid)
@@ -175,8 +177,12 @@ def test_a_replaced_unit_swaps_its_files_in_one_commit_and_old_files_outlive_rea
 
     again = VersionWriter(store, mid, model, retire_grace_s=3600)
     late = VersionWriter(store, mid, model)  # saw the same entry, replaces it after `again` did
-    again.stage({"id": "a.tar", "fingerprint": "v2"}, _unit(mid, 3, 7), replaces=replacement_token(prior))
-    late.stage({"id": "a.tar", "fingerprint": "v2"}, _unit(mid, 3, 7), replaces=replacement_token(prior))
+    again.stage(
+        {"id": "a.tar", "fingerprint": "v2"}, unit_tables(mid, 3, 7), replaces=replacement_token(prior)
+    )
+    late.stage(
+        {"id": "a.tar", "fingerprint": "v2"}, unit_tables(mid, 3, 7), replaces=replacement_token(prior)
+    )
     assert again.commit() == 1 and again.replaced == ["a.tar"]
     assert late.commit() == 0 and late.superseded == ["a.tar"] and late.replaced == []
     manifest = store.manifest(mid)
@@ -192,7 +198,7 @@ def test_a_replaced_unit_swaps_its_files_in_one_commit_and_old_files_outlive_rea
     )
     # Past the grace period, the next commit deletes the retired files (and only those).
     gc = VersionWriter(store, mid, model, retire_grace_s=0)
-    gc.stage({"id": "c.tar", "fingerprint": "c1"}, _unit(mid, 2, 3))
+    gc.stage({"id": "c.tar", "fingerprint": "c1"}, unit_tables(mid, 2, 3))
     gc.commit()
     gc.close()
     assert store.manifest(mid).retired == []
@@ -202,12 +208,39 @@ def test_a_replaced_unit_swaps_its_files_in_one_commit_and_old_files_outlive_rea
     assert store.snapshot(mid).rows("images") == 7
 
 
-def _unit(mid: str, n: int, seed: int) -> dict:
-    return {
-        "images": build_table(
-            "images", image_columns(seed, n), unit_vectors(n, 16, seed), dim=16, model_id=mid
-        )
-    }
+def test_a_removed_unit_leaves_in_the_commit_that_adds_its_successor(tmp_path):
+    """A re-tiled scene: the new unit and the old unit's removal are one manifest update (one generation);
+    the old files are retired, not deleted, while an older snapshot may read them; a removal of a unit
+    another writer removed (or replaced) first is a no-op, not an error."""
+    from pipelines.store.writer import replacement_token
+
+    store, mid = committed_version(
+        str(tmp_path / "store"),
+        "remove",
+        {"chips/a/shard-000000.tar": (4, 1), "chips/b/shard-000001.tar": (2, 2)},
+    )
+    model = {"dim": 16, "dtype": "float32"}
+    old = store.snapshot(mid)
+    gen = store.manifest(mid).generation
+    prior = store.manifest(mid).unit_map()["chips/a/shard-000000.tar"]
+    old_paths = {f["path"] for f in store.manifest(mid).files if f["unit"] == prior["id"]}
+
+    retile = VersionWriter(store, mid, model)
+    late = VersionWriter(store, mid, model)  # a second nightly run that saw the same manifest
+    retile.stage({"id": "chips/a/shard-000002.tar", "fingerprint": "a2"}, unit_tables(mid, 4, 9))
+    retile.stage_removal(prior["id"], replacement_token(prior))
+    late.stage_removal(prior["id"], replacement_token(prior))
+    assert retile.commit() == 2 and retile.removed == [prior["id"]]
+    manifest = store.manifest(mid)
+    assert manifest.generation == gen + 1
+    assert sorted(manifest.unit_map()) == ["chips/a/shard-000002.tar", "chips/b/shard-000001.tar"]
+    assert {r["path"] for r in manifest.retired} == old_paths
+    keys = store.snapshot(mid).read_table(columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == sorted(image_columns(9, 4)["key"] + image_columns(2, 2)["key"])
+    assert old.rows("images") == 6 and len(old.read_table(columns=["key"])) == 6  # the old files still read
+    assert late.commit() == 0 and late.removed == [] and store.manifest(mid).generation == gen + 1
+    retile.close()
+    late.close()
 
 
 def test_two_writers_opened_together_both_commit_and_a_duplicate_unit_is_dropped(tmp_path):
@@ -216,9 +249,9 @@ def test_two_writers_opened_together_both_commit_and_a_duplicate_unit_is_dropped
     mid = fake_model_id("two-writers")
     model = {"dim": 16, "dtype": "float32"}
     a, b = VersionWriter(store, mid, model), VersionWriter(store, mid, model)  # both see an empty version
-    a.stage({"id": "train/shard-0.tar"}, _unit(mid, 4, 1))
-    b.stage({"id": "test/shard-0.tar"}, _unit(mid, 3, 2))
-    b.stage({"id": "train/shard-0.tar"}, _unit(mid, 4, 1))  # the same unit as `a`: committed once
+    a.stage({"id": "train/shard-0.tar"}, unit_tables(mid, 4, 1))
+    b.stage({"id": "test/shard-0.tar"}, unit_tables(mid, 3, 2))
+    b.stage({"id": "train/shard-0.tar"}, unit_tables(mid, 4, 1))  # the same unit as `a`: committed once
     assert a.commit() == 1
     assert b.commit() == 1 and b.superseded == ["train/shard-0.tar"]
     a.close()

@@ -4,6 +4,10 @@
           -> encode (map_batches, callable class on an ActorPoolStrategy: model loaded once per actor, GPU if asked)
           -> driver: rows grouped per unit; a complete unit is staged, then committed (pipelines.store.writer)
 
+A tiled scene's shards are staged together, with the removal of the shards the scene had before it was
+re-tiled (pipelines.embed.groups), and a committed unit the archive's manifest no longer lists leaves the store
+version (`gone_units`): a nightly run over a growing, changing archive mirrors it in the store.
+
 Every unit ends with a marker row that carries its sample count, so the driver knows when a unit is
 complete without the job keeping any order. Units are committed in groups (every `commit_every_s`
 seconds and at the end): a killed run loses at most the uncommitted ones, and the re-run does only those.
@@ -24,8 +28,16 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.embed.groups import StagedGroups
 from pipelines.embed.options import EmbedOptions
-from pipelines.embed.sources import GEO_SAMPLE_FIELDS, change_reason, discover, plan_units, read_unit
+from pipelines.embed.sources import (
+    GEO_SAMPLE_FIELDS,
+    change_reason,
+    discover_archive,
+    gone_units,
+    plan_units,
+    read_unit,
+)
 from pipelines.encoders import CheckpointBlob, read_checkpoint, restore_encoders
 from pipelines.ray_env import worker_env
 from pipelines.store.reader import EmbeddingStore
@@ -54,6 +66,8 @@ class EmbedReport:
     failed_units: list[dict[str, str]] = field(default_factory=list)
     changed_units: list[str] = field(default_factory=list)  # committed units whose source changed since
     replaced_units: list[str] = field(default_factory=list)  # of those, the ones this run re-embedded
+    gone_units: list[str] = field(default_factory=list)  # committed units the archive no longer lists
+    removed_units: list[str] = field(default_factory=list)  # of those, the ones this run's commits unlisted
     seconds: float = 0.0
     # job start -> first embeddings back at the driver (actor start-up and model load)
     first_result_s: float | None = None
@@ -65,6 +79,7 @@ class EmbedReport:
         return (
             f"embedded {self.images} images and {self.captions} captions from {self.units_embedded} unit(s) "
             f"({len(self.replaced_units)} replacing changed ones, {self.units_done_before} already in the store, "
+            f"{len(self.removed_units)} gone from the archive removed, "
             f"{len(self.bad)} bad sample(s) skipped, "
             f"{len(self.failed_units)} unit(s) failed) into {self.version_url} in {self.seconds:.1f}s"
         )
@@ -320,13 +335,15 @@ def embed_archive(
     writer = VersionWriter(store, blob.model_id, enc.model_info(blob, options.dtype), **writer_kwargs)
     tables = ("images", "captions") if options.captions else ("images",)
     splits = list(options.splits) if options.splits else None
-    kind, shard_units, samples = discover(
+    archive = discover_archive(
         archive_url, storage_options, splits=splits, follow_symlinks=options.follow_symlinks
     )
+    kind, shard_units, samples = archive.kind, archive.units, archive.samples
     refused = [x for x in shard_units + samples if x.get("refused")]
     shard_units = [u for u in shard_units if not u.get("refused")]
     samples = [s for s in samples if not s.get("refused")]
     todo, complete, changed = plan_units(shard_units, samples, writer.done(), tables, options.chunk_size)
+    gone = gone_units(archive, writer.done())
     report = EmbedReport(
         model_id=blob.model_id,
         store_url=store.url,
@@ -335,6 +352,7 @@ def embed_archive(
         units_total=len(todo) + complete,
         units_done_before=complete,
         changed_units=changed,
+        gone_units=[g["id"] for g in gone],
     )
     # Refused, never read; not part of any unit, so a later run with --follow-symlinks embeds them.
     report.bad.extend({"unit": None, "key": x.get("key") or x["id"], "reason": x["refused"]} for x in refused)
@@ -342,13 +360,25 @@ def embed_archive(
     for uid in changed:
         unit = next(u for u in shard_units if u["id"] == uid)
         log.info("re-embedding %s: %s", uid, change_reason(unit, prior_units[uid]))
+    for g in gone:
+        log.info("removing %s from the store: %s no longer lists it", g["id"], archive_url)
     for b in report.bad:
         log.warning("refused: %s", b["reason"])
+    groups = StagedGroups.plan(writer, todo, gone)
     if not todo:
+        if gone:
+            try:
+                writer.commit()
+            finally:
+                writer.close()
+            report.removed_units = list(writer.removed)
         report.seconds = time.monotonic() - t0
-        log.info(
-            "nothing new in %s for model %s: store %s unchanged", archive_url, blob.model_id[:12], store.url
-        )
+        if not gone:
+            log.info(
+                "nothing new in %s for model %s: store %s unchanged", archive_url, blob.model_id[:12], store.url
+            )
+        else:
+            log.info("%s", report.summary())
         return report
     log.info(
         "embedding %d unit(s) of %s (%s; %d already in the store) with model %s -> %s",
@@ -366,7 +396,7 @@ def embed_archive(
             todo,
             enc,
             blob,
-            writer,
+            groups,
             report,
             tables,
             batch_size=options.batch_size,
@@ -387,6 +417,7 @@ def embed_archive(
             ray.shutdown()
     report.seconds = time.monotonic() - t0
     report.replaced_units = list(writer.replaced)
+    report.removed_units = list(writer.removed)
     for b in report.bad:
         if b.get("unit") is not None:  # the refused ones were reported before the run
             log.warning("bad sample skipped: %s: %s", b["key"], b["reason"])
@@ -404,7 +435,7 @@ def _run(
     todo,
     enc,
     blob: CheckpointBlob,
-    writer: VersionWriter,
+    groups: StagedGroups,
     report: EmbedReport,
     tables,
     *,
@@ -431,6 +462,7 @@ def _run(
         object_store_memory=OBJECT_STORE_BUDGET * max(1, concurrency)
     )
     cfg = enc.cfg
+    writer = groups.writer
     units = {u["id"]: u for u in todo}
     # Workers of a cluster we did not start may lack the endpoint/offline settings: pass those (never
     # credentials: Ray logs runtime_env values; the nodes take credentials from their own environment).
@@ -486,26 +518,31 @@ def _run(
         # A sample's caption rows travel in the same output batch as its image row: check after the batch.
         for uid in touched:
             if buffers[uid].complete:
-                _finish_unit(units[uid], buffers.pop(uid), writer, report, dtype, created_at)
+                _finish_unit(units[uid], buffers.pop(uid), groups, report, dtype, created_at)
         if time.monotonic() - last_commit >= commit_every_s:
             writer.commit()
             last_commit = time.monotonic()
     writer.commit()
     log.debug("Ray Data stats:\n%s", ds.stats())
     for uid, buf in buffers.items():  # never completed: the stream ended early
-        report.failed_units.append(
-            {"unit": uid, "reason": buf.error or "incomplete: not every sample came back"}
-        )
+        reason = buf.error or "incomplete: not every sample came back"
+        report.failed_units.extend(groups.unit_failed(units[uid], reason))
+    report.failed_units.extend(groups.unfinished())
 
 
 def _finish_unit(
-    unit, buf: _UnitRows, writer: VersionWriter, report: EmbedReport, dtype: str, created_at
+    unit, buf: _UnitRows, groups: StagedGroups, report: EmbedReport, dtype: str, created_at
 ) -> None:
     expected = unit.get("expected")
     if buf.error or (expected is not None and buf.samples != expected):
         reason = buf.error or f"read {buf.samples} of the {expected} samples the archive lists"
-        report.failed_units.append({"unit": unit["id"], "reason": reason})
+        report.failed_units.extend(groups.unit_failed(unit, reason))
         return
+    held_back = groups.held_back(unit)
+    if held_back:
+        report.failed_units.append({"unit": unit["id"], "reason": held_back})
+        return
+    writer = groups.writer
     out = {}
     for table in unit["tables"]:
         embs = np.stack(buf.embs[table]) if buf.embs[table] else np.empty((0, writer.dim), np.float32)
@@ -522,8 +559,8 @@ def _finish_unit(
     if unit["kind"] == "files":
         entry["keys"] = sorted(s["key"] for s in unit["samples"])
     entry["bad"] = buf.bad
-    writer.stage(entry, out, replaces=unit.get("replaces"))
-    report.units_embedded += 1
-    report.images += out["images"].num_rows if "images" in out else 0
-    report.captions += out["captions"].num_rows if "captions" in out else 0
-    report.bad.extend({"unit": unit["id"], **b} for b in buf.bad)
+    for staged_unit, staged_entry, staged in groups.finished(unit, entry, out):
+        report.units_embedded += 1
+        report.images += staged["images"].num_rows if "images" in staged else 0
+        report.captions += staged["captions"].num_rows if "captions" in staged else 0
+        report.bad.extend({"unit": staged_unit["id"], **b} for b in staged_entry["bad"])

@@ -1,7 +1,9 @@
 """What an archive holds, as units of work for the embedding job, and how one unit is read.
 
 Archive kinds (detected in this order):
-- WebDataset shards written by `ssjdn shard` (a folder with `_manifest.json`): one unit per committed shard;
+- WebDataset shards written by `ssjdn shard` or chip shards written by `ssjdn tile` (a folder with
+  `_manifest.json`): one unit per committed shard; a committed unit the manifest no longer lists is gone
+  (`gone_units`), and a tiled scene's shards form one group (pipelines.embed.groups);
 - a `.tar` file, or a folder (any fsspec URL) of `.tar` files: one unit per tar;
 - a listing (`.txt`, one URL per line) of tars or of image files;
 - a dataset folder/file that `ssjdn.data.readers.load_dataset` reads (Karpathy JSON, precomp, tables);
@@ -31,6 +33,7 @@ import logging
 import posixpath
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.errors import PipelineError
@@ -133,6 +136,21 @@ def _image_sample(
     }
 
 
+@dataclass
+class Archive:
+    """What `discover_archive` found: the kind, the tar units or the image samples, and for an archive with a
+    shard manifest (its commit point) every shard path it lists, so units committed from it that it no longer
+    lists can leave the store (`gone_units`)."""
+
+    kind: str
+    units: list[dict[str, Any]]
+    samples: list[dict[str, Any]]
+    root_url: str = ""
+    listed: set[str] | None = None  # shard paths of the manifest, every split; None without a manifest
+    tiled: bool = False  # the manifest is `ssjdn tile`'s: units are grouped by scene (`group`)
+    groups: dict[str, int] = field(default_factory=dict)  # scene key -> shards the manifest lists for it
+
+
 def discover(
     archive_url: str,
     storage_options: dict[str, Any] | None = None,
@@ -140,32 +158,99 @@ def discover(
     splits: list[str] | None = None,
     follow_symlinks: bool = False,
 ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
-    """(archive kind, shard units, image samples) of an archive; exactly one of the two lists is non-empty.
+    """(archive kind, shard units, image samples) of an archive; exactly one of the two lists is non-empty."""
+    found = discover_archive(archive_url, storage_options, splits=splits, follow_symlinks=follow_symlinks)
+    return found.kind, found.units, found.samples
+
+
+def discover_archive(
+    archive_url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    splits: list[str] | None = None,
+    follow_symlinks: bool = False,
+) -> Archive:
+    """The archive's kind and units (see the module docstring).
 
     Local files reached through a symbolic link that leads out of the archive's folder (a dataset's: its image
     roots) carry `refused` (the reason) unless `follow_symlinks`: the caller reports them, never reads them.
     """
-    from ssjdn.data.record import make_key
-
     fs, root = get_fs(archive_url, storage_options)
     if not fs.exists(root):
         raise FileNotFoundError(f"archive {archive_url} does not exist")
     want = set(splits) if splits else None
     if fs.isdir(root) and fs.exists(safe_join(root, SHARD_MANIFEST)):
-        manifest = read_json(fs, safe_join(root, SHARD_MANIFEST))
-        units = [
-            _shard_unit(
-                s["path"],
-                full_url(fs, safe_join(root, s["path"])),
-                s.get("split"),
-                s.get("sha256"),
-                s.get("samples"),
-                s.get("bytes"),
-            )
-            for s in manifest.get("shards", [])
-            if want is None or s.get("split") in want
-        ]
-        return "webdataset", units, []
+        return _manifest_archive(fs, root, read_json(fs, safe_join(root, SHARD_MANIFEST)), want)
+    kind, units, samples = _discover_files(fs, root, archive_url, want, follow_symlinks, storage_options)
+    return Archive(kind, units, samples, root_url=full_url(fs, root))
+
+
+def _manifest_archive(fs, root: str, manifest: dict[str, Any], want: set[str] | None) -> Archive:
+    """The units of a folder written by `ssjdn shard` or `ssjdn tile` (one read of its manifest)."""
+    from pipelines.tile.layout import scene_of_shard
+
+    tiled = isinstance(manifest.get("tile"), dict)
+    shards = manifest.get("shards", [])
+    units = []
+    for s in shards:
+        if want is not None and s.get("split") not in want:
+            continue
+        unit = _shard_unit(
+            s["path"],
+            full_url(fs, safe_join(root, s["path"])),
+            s.get("split"),
+            s.get("sha256"),
+            s.get("samples"),
+            s.get("bytes"),
+        )
+        if tiled:
+            unit["group"] = scene_of_shard(s["path"])
+        units.append(unit)
+    groups: dict[str, int] = {}
+    if tiled:
+        for s in shards:
+            key = scene_of_shard(s["path"])
+            if key is not None:
+                groups[key] = groups.get(key, 0) + 1
+    return Archive(
+        "tiles" if tiled else "webdataset",
+        units,
+        [],
+        root_url=full_url(fs, root),
+        listed={s["path"] for s in shards},
+        tiled=tiled,
+        groups=groups,
+    )
+
+
+def gone_units(archive: Archive, done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Committed units that came from this archive's manifest and that it no longer lists (a re-tiled scene's
+    old shards, a scene gone from the catalog), each `{"id", "group", "replaces"}` for `stage_removal`.
+
+    Only an archive with a manifest has this rule: the manifest is its commit point, while a bare folder's
+    listing may be caught mid-upload. A unit is this archive's when its recorded URL lies under the archive."""
+    from pipelines.tile.layout import scene_of_shard
+
+    if archive.listed is None:
+        return []
+    prefix = archive.root_url.rstrip("/") + "/"
+    out = []
+    for uid, entry in sorted(done.items()):
+        url = str(entry.get("url") or "")
+        if entry.get("kind") != "shard" or not url.startswith(prefix) or uid in archive.listed:
+            continue
+        if url[len(prefix) :] != uid:  # another archive's unit that happens to live below this one
+            continue
+        group = scene_of_shard(uid) if archive.tiled else None
+        out.append({"id": uid, "group": group, "replaces": replacement_token(entry)})
+    return out
+
+
+def _discover_files(
+    fs, root: str, archive_url: str, want: set[str] | None, follow_symlinks: bool, storage_options
+) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    from ssjdn.data.record import make_key
+
     if fs.isfile(root) and root.endswith(".tar"):
         sig = source_signature(fs.info(root))
         return "tar", [_shard_unit(posixpath.basename(root), full_url(fs, root), None, sig, None)], []

@@ -15,6 +15,11 @@ a reader sees the old rows or the new ones, never both. The old files are kept (
 `retire_grace_s`, for readers still on an older generation, and deleted by a later commit. If another writer
 changed that entry first, this run's copy is dropped, as for any unit committed meanwhile.
 
+A unit whose source is gone (a re-tiled scene's old shards, a shard its archive's manifest no longer lists) is
+*removed*: `stage_removal(unit_id, token)` unlists its files (retired as above) with the next commit, together
+with whatever was staged before it - a changed scene's new units and its old units' removal are one manifest
+update. A unit another writer replaced or removed meanwhile is left as that writer left it.
+
 Several writers may work on one version at once (two `ssjdn embed` runs over different splits): every run
 keeps a lease (`_staging/{run_id}.lease.json`: host, pid, expiry), and a writer clears only the staging
 folders of runs that are dead (same host and the process is gone, or the lease expired).
@@ -124,6 +129,7 @@ class StagedUnit:
     replaces: dict[str, Any] | None = (
         None  # the committed entry this unit supersedes (fingerprint, committed_at)
     )
+    removal: bool = False  # no files: the commit unlists the committed entry `replaces` names
 
 
 def replacement_token(entry: dict[str, Any]) -> dict[str, Any]:
@@ -207,8 +213,10 @@ class VersionWriter:
         self.pending: list[StagedUnit] = []
         self.superseded: list[str] = []  # units another writer committed first (this run's copy was dropped)
         self.replaced: list[str] = []  # units whose old entry this run's commits replaced
+        self.removed: list[str] = []  # units this run's commits unlisted (their source is gone)
         self._expired: list[dict[str, Any]] = []  # retired files the manifest being written stops keeping
         self._replacing: list[str] = []  # units the manifest being written replaces
+        self._removing: list[str] = []  # units the manifest being written unlists
 
     def _check_compatible(self, existing: Manifest) -> None:
         for k in ("dim", "dtype"):
@@ -345,6 +353,10 @@ class VersionWriter:
                 files.append((staged, safe_join(self.base, rel), entry))
         self.pending.append(StagedUnit(unit=unit, files=files, replaces=replaces))
 
+    def stage_removal(self, unit_id: str, token: dict[str, Any]) -> None:
+        """Unlist committed unit `unit_id` (its `replacement_token` as the caller saw it) with the next commit."""
+        self.pending.append(StagedUnit(unit={"id": unit_id}, files=[], replaces=dict(token), removal=True))
+
     def _write_parquet(self, table: pa.Table, path: str) -> tuple[str, int]:
         if GEOMETRY in table.column_names:
             table = table.replace_schema_metadata(_geo_schema(table).metadata)
@@ -389,7 +401,7 @@ class VersionWriter:
                     self._check_compatible(latest)
                 merged, committed = self._merge(latest, lock)
                 if committed == 0:  # everything was committed by other writers first
-                    merged, self._expired, self._replacing = latest, [], []
+                    merged, self._expired, self._replacing, self._removing = latest, [], [], []
                     break
                 try:
                     with_retries(
@@ -409,10 +421,11 @@ class VersionWriter:
         if merged is not None:
             self.manifest = merged
             self.replaced += [u for u in self._replacing if u not in self.replaced]
+            self.removed += [u for u in self._removing if u not in self.removed]
             self._delete_expired(merged)
         self.pending = []
         log.info(
-            "committed %d unit(s) to %s (generation %d)",
+            "committed %d change(s) to %s (generation %d)",
             committed,
             full_url(self.fs, self.base),
             self.manifest.generation,
@@ -438,6 +451,12 @@ class VersionWriter:
         for staged in self.pending:
             uid = staged.unit["id"]
             theirs = units.get(uid, {})
+            if staged.removal:  # gone already, or replaced by another writer: nothing of ours to unlist
+                if theirs and replacement_token(theirs) == staged.replaces:
+                    kept.append(staged)
+                else:
+                    log.info("unit %s was removed or replaced by another writer meanwhile", uid)
+                continue
             tables = [t for t in ("images", "captions") if staged.unit.get(t) is not None]
             clash = [t for t in tables if theirs.get(t) is not None]
             if staged.replaces is not None:  # a replacement clashes when the entry it replaces is gone
@@ -467,10 +486,20 @@ class VersionWriter:
                 staged.moved = True
             kept.append(staged)
         retired = self._still_retired(base.retired)
-        self._replacing = []
+        self._replacing, self._removing = [], []
         for staged in kept:
             uid = staged.unit["id"]
             prior = units.get(uid)
+            if staged.removal:
+                retired += [
+                    {"path": f["path"], "unit": uid, "retired_at": time.time()}
+                    for f in files
+                    if f.get("unit") == uid
+                ]
+                files = [f for f in files if f.get("unit") != uid]
+                units.pop(uid, None)
+                self._removing.append(uid)
+                continue
             unit = dict(staged.unit)
             if staged.replaces is not None and prior is not None:
                 old = [f for f in files if f.get("unit") == uid]

@@ -21,3 +21,9 @@ def chip_key(scene_key: str, row: int, col: int) -> str:
 
 def shard_path(scene_key: str, index: int) -> str:
     return f"{CHIPS}/{scene_key}/{SHARD_NAME.format(index)}"
+
+
+def scene_of_shard(path: str) -> str | None:
+    """The scene key of a committed shard path (`chips/{scene_key}/shard-N.tar`); None for any other path."""
+    parts = path.split("/")
+    return parts[1] if len(parts) == 3 and parts[0] == CHIPS and parts[2].endswith(".tar") else None
