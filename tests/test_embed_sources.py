@@ -92,6 +92,34 @@ def test_listing_and_changed_shards(tmp_path, dataset):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="found no shards"):
         discover(str(tmp_path / "empty"))
+    stac = tmp_path / "catalog.json"
+    stac.write_text(json.dumps({"type": "Catalog", "stac_version": "1.0.0", "id": "c", "links": []}))
+    with pytest.raises(ValueError, match=r"catalog\.json is a STAC document: tile its scenes first"):
+        discover(str(stac))
+
+
+def test_units_a_manifest_no_longer_lists_are_gone_and_no_other_archives_units_are(tmp_path):
+    from pipelines.embed.sources import Archive, gone_units
+
+    root = "file:///arch/chips"
+    archive = Archive(
+        "tiles", [], [], root_url=root, listed={"chips/a-1/shard-000002.tar"}, tiled=True, groups={"a-1": 1}
+    )
+    entry = {"kind": "shard", "fingerprint": "f", "committed_at": "t"}
+    done = {
+        "chips/a-1/shard-000000.tar": {**entry, "url": f"{root}/chips/a-1/shard-000000.tar"},  # re-tiled: gone
+        "chips/a-1/shard-000002.tar": {**entry, "url": f"{root}/chips/a-1/shard-000002.tar"},  # listed
+        "chips/b-2/shard-000001.tar": {**entry, "url": f"{root}/chips/b-2/shard-000001.tar"},  # scene gone
+        "train/shard-000000.tar": {**entry, "url": "file:///other/train/shard-000000.tar"},  # another archive
+        "files/test/abc": {"kind": "files", "keys": ["k"]},
+    }
+    gone = gone_units(archive, done)
+    assert [(g["id"], g["group"]) for g in gone] == [
+        ("chips/a-1/shard-000000.tar", "a-1"),
+        ("chips/b-2/shard-000001.tar", "b-2"),
+    ]
+    assert gone[0]["replaces"] == {"fingerprint": "f", "committed_at": "t"}
+    assert gone_units(Archive("tar-folder", [], [], root_url=root), done) == []  # no manifest, no rule
 
 
 def _tar_of(path, n: int = 10) -> bytes:

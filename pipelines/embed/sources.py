@@ -263,6 +263,11 @@ def _discover_files(
             return "listing", [_shard_unit(u, u, None, sigs[u], None) for u in urls], []
         stem = posixpath.splitext(posixpath.basename(root))[0]
         return "listing", [], [_image_sample(make_key(stem, u.rsplit("/", 1)[-1]), u) for u in urls]
+    if fs.isfile(root) and root.endswith(".json") and _is_stac(fs, root):
+        raise ValueError(
+            f"archive {archive_url} is a STAC document: tile its scenes first (`ssjdn tile`, or reindex-archive "
+            "with tile_dest) and embed the chips"
+        )
     if is_local(fs):
         found_ds = _dataset_samples(root, want)
         if found_ds is not None:
@@ -289,6 +294,14 @@ def _discover_files(
     raise ValueError(
         f"archive {archive_url}: found no shards (_manifest.json or *.tar), dataset description or image files"
     )
+
+
+def _is_stac(fs, path: str) -> bool:
+    try:
+        doc = read_json(fs, path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "stac_version" in doc
 
 
 def _dataset_samples(root: str, want: set[str] | None) -> list[dict[str, Any]] | None:
