@@ -153,6 +153,7 @@ def reindex_archive(
         "replaced_units": len(report["replaced_units"]),
         "removed_units": len(report["removed_units"]),
         "scenes_tiled": tiled["scenes_tiled"] if tiled else None,
+        "chips": tiled["chips"] if tiled else None,
         "bad_samples": len(report["bad"]),
         "failed_units": len(report["failed_units"]),
         "ann_recall_at_10": ann.get("recall@10") if ann else None,

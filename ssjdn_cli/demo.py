@@ -1,5 +1,5 @@
-"""`ssjdn demo`: the main job end to end (shard -> train -> evaluate -> embed -> query -> report) as the
-Prefect flow `ssjdn-demo`."""
+"""`ssjdn demo`: the main job end to end (shard -> train -> evaluate -> embed -> query -> geo -> report) as
+the Prefect flow `ssjdn-demo`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--data",
         help="dataset folder (default: ../shared/data/ucm-captions when present, "
         "else a generated synthetic dataset, labelled as such; 'synthetic' forces the generated one)",
+    )
+    p.add_argument(
+        "--scenes",
+        help="folder holding cogeo.tif and RGB.byte.tif for the geo stage (default: ../shared/data/geotiff "
+        "when it holds them, whatever --data is, else two generated scenes, labelled SYNTHETIC; 'synthetic' "
+        "forces the generated ones)",
     )
     p.add_argument(
         "--store", default="./store", help="object store root: a local folder or any fsspec URL (s3://...)"
@@ -57,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         config=args.config,
         overrides=overrides or None,
+        scenes=args.scenes,
     )
     return 0

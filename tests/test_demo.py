@@ -12,9 +12,13 @@ import sys
 
 import pytest
 
+from pipelines.report import demo_geo
 from pipelines.report import demo_steps as demo
 from tests.browser import count_loaded_images
-from tests.conftest import REPO
+from tests.conftest import REPO, SHARED_DATA
+
+# The geo stage tiles the real scenes whenever they are beside the checkout, whatever the caption data is.
+REAL_SCENES = all((SHARED_DATA / "geotiff" / name).is_file() for name in demo_geo.GEO_SCENES)
 
 
 def test_chance_level_matches_its_definition():
@@ -32,6 +36,45 @@ def test_synthetic_fallback_is_labelled(tmp_path):
     assert (tmp_path / "synthetic-data" / "dataset.json").exists()
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
         demo.resolve_data(str(tmp_path / "no-such-dir"), tmp_path)
+
+
+def test_geo_queries_are_placed_from_the_scene_bboxes():
+    scenes = [
+        {"name": "a", "bbox": [10.0, 40.0, 12.0, 41.0]},
+        {"name": "b", "bbox": [-78.0, 23.0, -76.0, 25.0]},
+    ]
+    box, near = demo_geo.geo_queries(scenes, radius_km=3.0)
+    assert box["kind"] == "bbox" and box["scene"] == "a" and box["bbox"] == (10.0, 40.0, 11.0, 41.0)
+    assert near["kind"] == "near" and near["scene"] == "b" and near["near"] == (-77.0, 24.0)
+    assert near["radius_km"] == 3.0 and "--radius-km 3" in demo_geo.filter_label(near)
+    # Across the antimeridian the western half still starts at the western edge and runs east.
+    (box,) = demo_geo.geo_queries([{"name": "x", "bbox": [179.0, 0.0, -179.0, 1.0]}])[:1]
+    assert box["bbox"] == (179.0, 0.0, 180.0, 1.0)
+    with pytest.raises(ValueError, match="footprint"):
+        demo_geo.geo_queries([{"name": "no-place", "bbox": None}])
+
+
+def test_scenes_real_when_present_else_synthetic_and_labelled(tmp_path, monkeypatch):
+    import rasterio
+
+    monkeypatch.delenv(demo_geo.SCENES_ENV, raising=False)
+    assert demo_geo.resolve_scenes(None, tmp_path / "auto").synthetic is not REAL_SCENES
+    chosen = demo_geo.resolve_scenes("synthetic", tmp_path)
+    assert chosen.synthetic and "SYNTHETIC" in chosen.label
+    assert [p.rsplit("/", 1)[1] for p in chosen.paths] == list(demo_geo.GEO_SCENES)
+    for path in chosen.paths:
+        with rasterio.open(path) as src:
+            assert src.crs is not None and src.count == 3 and src.width >= 256
+    # A folder holding both scenes is used as real data (the choice does not look at the caption dataset).
+    real = demo_geo.resolve_scenes(str(tmp_path / "synthetic-scenes"), tmp_path / "other")
+    assert not real.synthetic and real.label.startswith("real scenes")
+    monkeypatch.setenv(demo_geo.SCENES_ENV, str(tmp_path / "synthetic-scenes"))
+    assert demo_geo.resolve_scenes(None, tmp_path / "other") == real
+    monkeypatch.setenv(demo_geo.SCENES_ENV, str(tmp_path / "empty"))
+    monkeypatch.setattr(demo_geo, "shared_data_dirs", lambda: [tmp_path / "nowhere"])
+    assert demo_geo.resolve_scenes(None, tmp_path / "gen").synthetic
+    with pytest.raises(FileNotFoundError, match="cogeo.tif"):
+        demo_geo.resolve_scenes(str(tmp_path / "empty"), tmp_path)
 
 
 # What must never reach a user's terminal on a clean run: Ray's, torch's and transformers' own messages (they go to
@@ -117,7 +160,55 @@ def test_demo_command_end_to_end_on_s3_prints_no_library_noise(
     assert fs.exists(f"{metrics['checkpoint']}".removeprefix("s3://"))
     assert fs.exists(f"{metrics['embeddings']}/_manifest.json".removeprefix("s3://"))
 
-    # Every picture in the report loads in a real browser: 4 queries x 5 results, the query image, the curve.
+    # The geo stage: the real scenes when they are beside the checkout (the captions being synthetic or not),
+    # tiled, embedded into the same version; each geo query's GeoJSON holds its hits, which meet its filter.
+    page = (out / "report.html").read_text()
+    geo = metrics["geo"]
+    assert geo["synthetic_scenes"] is not REAL_SCENES
+    assert ("SYNTHETIC SCENES" in page) is not REAL_SCENES
+    assert geo["chips"] > 0 and geo["chips_embedded"] == geo["chips"]
+    assert fs.exists(f"{geo['chips_dest']}/_manifest.json".removeprefix("s3://"))
+    assert [q["kind"] for q in geo["queries"]] == ["bbox", "near"]
+    for q in geo["queries"]:
+        features = check_geojson(q)
+        assert len(features) == q["hits"] > 0, q
+        for f in features:  # each hit is drawn on its scene's overview in the report
+            assert f'data-key="{f["id"]}"' in page, f["id"]
+        assert f"href='{os.path.basename(q['geojson'])}'" in page
+    assert "id='geo'" in page and page.count("<section class='geo'>") == 2
+    maps = page.count('alt="overview of ')
+    assert maps >= 2 and "class='missing'" not in page and 'class="missing"' not in page
+    text = re.sub(r"data:[^'\"]+", "", page)  # the report's words, without the embedded pictures' bytes
+    assert not NOISE.search(text), NOISE.search(text)
+
+    # Every picture in the report loads in a real browser: 4 queries x 5 results, the query image, the curve,
+    # then each geo query's hits and the footprint maps (scene overviews).
     total, loaded = count_loaded_images(out / "report.html")
-    assert total == 4 * 5 + 1 + 1
+    assert total == 4 * 5 + 1 + 1 + sum(q["hits"] for q in geo["queries"]) + maps
     assert loaded == total
+
+
+def check_geojson(query: dict) -> list[dict]:
+    """The query's GeoJSON file as a FeatureCollection of its hits (ranked, each with a footprint), every footprint
+    meeting the query's bbox / lying within its radius (geodesic, in an azimuthal equidistant projection)."""
+    import pyproj
+    import shapely
+    from shapely.geometry import Point, box, shape
+
+    doc = json.loads(open(query["geojson"], encoding="utf-8").read())
+    assert doc["type"] == "FeatureCollection"
+    features = doc["features"]
+    assert [f["properties"]["rank"] for f in features] == list(range(1, len(features) + 1))
+    for f in features:
+        assert f["type"] == "Feature" and f["geometry"] is not None, f
+        geom = shape(f["geometry"])
+        if query["kind"] == "bbox":
+            assert geom.intersects(box(*query["bbox"])), (f["id"], geom.bounds, query["bbox"])
+        else:
+            lon, lat = query["near"]
+            aeqd = pyproj.Transformer.from_crs(
+                "EPSG:4326", f"+proj=aeqd +lat_0={lat} +lon_0={lon} +units=m", always_xy=True
+            )
+            local = shapely.transform(shapely.segmentize(geom, 0.001), aeqd.transform, interleaved=False)
+            assert local.distance(Point(0, 0)) <= query["radius_km"] * 1000 * 1.001, (f["id"], geom.bounds)
+    return features

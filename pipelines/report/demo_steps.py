@@ -30,14 +30,15 @@ class DemoData:
         return SYNTHETIC_NOTE if self.synthetic else f"real data: {self.path}"
 
 
+def shared_data_dirs() -> list[Path]:
+    """The shared data folders the demo looks in: `../shared/data` of the working directory and of the checkout."""
+    repo = Path(__file__).resolve().parents[2]
+    return [Path.cwd().parent / "shared" / "data", repo.parent / "shared" / "data"]
+
+
 def _real_data_candidates() -> list[Path]:
-    repo = Path(__file__).resolve().parents[1]
     out = [Path(os.environ[REAL_DATA_ENV])] if os.environ.get(REAL_DATA_ENV) else []
-    out += [
-        Path.cwd().parent / "shared" / "data" / "ucm-captions",
-        repo.parent / "shared" / "data" / "ucm-captions",
-    ]
-    return out
+    return out + [d / "ucm-captions" for d in shared_data_dirs()]
 
 
 def resolve_data(data: str | None, out_dir: str | os.PathLike) -> DemoData:

@@ -82,8 +82,37 @@ def _query_section(
     thumb = f"<img class='query' src='{query_thumb}' alt='query image'>" if query_thumb else ""
     return (
         f"<section><h3>{esc(heading)}</h3>{thumb}"
-        f"<p class='meta'>{result.mode} search over model {esc(result.model_id[:12])} in {result.seconds * 1000:.1f} ms"
-        f"</p>{render_hits(result.hits, images)}</section>"
+        f"<p class='meta'>{_search_meta(result)}</p>{render_hits(result.hits, images)}</section>"
+    )
+
+
+def _search_meta(result: QueryResult) -> str:
+    return f"{result.mode} search over model {html.escape(result.model_id[:12])} in {result.seconds * 1000:.1f} ms"
+
+
+def _geo_section(geo: dict[str, Any], storage_options: dict[str, Any] | None) -> str:
+    """Per geo query: its heading and filter, a link to its GeoJSON file, the hits' footprints drawn on their
+    scenes' overviews (pipelines.search.page, as `ssjdn query --html` draws them; offline) and the hits."""
+    from pipelines.search.page import fetch_images, fetch_scene_maps, render_hits, render_maps
+
+    esc = html.escape
+    sections = []
+    for q in geo["queries"]:
+        result = q["result"]
+        images = fetch_images(sorted({h.source for h in result.hits}), storage_options)
+        maps = fetch_scene_maps(result.hits, images, storage_options)
+        link = f"<a class='geojson' href='{esc(q['geojson'])}'>{esc(q['geojson'])}</a>"
+        hits = render_hits(result.hits, images, maps) if result.hits else "<p>no hits</p>"
+        sections.append(
+            f"<section class='geo'><h3>{esc(q['heading'])}</h3><p class='meta'>filter <code>{esc(q['filter'])}"
+            f"</code> · {len(result.hits)} hit(s) · {_search_meta(result)} · GeoJSON: {link}</p>"
+            f"{render_maps(maps)}{hits}</section>"
+        )
+    cls = "synthetic" if geo.get("synthetic") else "meta"
+    return (
+        f"<h2 id='geo'>Geo queries over tiled scenes (top {geo.get('k', 5)})</h2>"
+        f"<p class='{cls}'>{esc(geo['label'])}</p><p class='meta'>{esc(geo.get('note', ''))}</p>"
+        f"{''.join(sections)}"
     )
 
 
@@ -97,9 +126,12 @@ def render_report(
     queries: list[dict[str, Any]],
     summary: dict[str, Any],
     storage_options: dict[str, Any] | None = None,
+    geo: dict[str, Any] | None = None,
 ) -> str:
-    """The report page. `queries`: [{"heading", "result": QueryResult, "query_thumb": data URI | None}]."""
-    from pipelines.search.page import PAGE_STYLE, fetch_images
+    """The report page. `queries`: [{"heading", "result": QueryResult, "query_thumb": data URI | None}].
+    `geo` (optional): {"label", "synthetic", "note", "k", "queries": [{"heading", "filter", "result" (hits with
+    footprints), "geojson": file name beside the page}]}, drawn as the geo section with footprint maps."""
+    from pipelines.search.page import MAP_STYLE, PAGE_STYLE, fetch_images
 
     esc = html.escape
     sources = sorted({h.source for q in queries for h in q["result"].hits})
@@ -116,10 +148,11 @@ def render_report(
     )
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{esc(title)}</title><style>{PAGE_STYLE}"
+        f"<title>{esc(title)}</title><style>{PAGE_STYLE}{MAP_STYLE if geo else ''}"
         ".synthetic{background:#fde68a;padding:.5em;font-weight:bold}.results td,.results th{padding:2px 8px;"
         "text-align:right;border-bottom:1px solid #ddd}.query{width:192px;border:3px solid #2563eb}"
         "</style></head><body>"
         f"<h1>{esc(title)}</h1>{banner}<h2>Test-split retrieval (percent)</h2>{results_html(results)}"
-        f"<h2>Training</h2>{curve}<ul>{facts}</ul><h2>Sample queries (top 5)</h2>{sections}</body></html>"
+        f"<h2>Training</h2>{curve}<ul>{facts}</ul><h2>Sample queries (top 5)</h2>{sections}"
+        f"{_geo_section(geo, storage_options) if geo else ''}</body></html>"
     )
