@@ -26,9 +26,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# --no-compile: byte-compiling every installed module (torch, ray, prefect, ...) is half the install time
+# (3m32s -> 1m38s measured here); Python compiles, once, only the modules that are imported.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet $(TORCH_SPEC) $(TORCH_INDEX)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-compile $(TORCH_SPEC) $(TORCH_INDEX)
+	$(BIN)/pip install --quiet --no-compile -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
