@@ -102,9 +102,7 @@ def test_units_a_manifest_no_longer_lists_are_gone_and_no_other_archives_units_a
     from pipelines.embed.sources import Archive, gone_units
 
     root = "file:///arch/chips"
-    archive = Archive(
-        "tiles", [], [], root_url=root, listed={"chips/a-1/shard-000002.tar"}, tiled=True, groups={"a-1": 1}
-    )
+    archive = Archive("tiles", [], [], root_url=root, listed={"chips/a-1/shard-000002.tar"}, tiled=True)
     entry = {"kind": "shard", "fingerprint": "f", "committed_at": "t"}
     done = {
         "chips/a-1/shard-000000.tar": {**entry, "url": f"{root}/chips/a-1/shard-000000.tar"},  # re-tiled: gone

@@ -33,7 +33,7 @@ import logging
 import posixpath
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pipelines.errors import PipelineError
@@ -148,7 +148,6 @@ class Archive:
     root_url: str = ""
     listed: set[str] | None = None  # shard paths of the manifest, every split; None without a manifest
     tiled: bool = False  # the manifest is `ssjdn tile`'s: units are grouped by scene (`group`)
-    groups: dict[str, int] = field(default_factory=dict)  # scene key -> shards the manifest lists for it
 
 
 def discover(
@@ -206,12 +205,6 @@ def _manifest_archive(fs, root: str, manifest: dict[str, Any], want: set[str] | 
         if tiled:
             unit["group"] = scene_of_shard(s["path"])
         units.append(unit)
-    groups: dict[str, int] = {}
-    if tiled:
-        for s in shards:
-            key = scene_of_shard(s["path"])
-            if key is not None:
-                groups[key] = groups.get(key, 0) + 1
     return Archive(
         "tiles" if tiled else "webdataset",
         units,
@@ -219,7 +212,6 @@ def _manifest_archive(fs, root: str, manifest: dict[str, Any], want: set[str] | 
         root_url=full_url(fs, root),
         listed={s["path"] for s in shards},
         tiled=tiled,
-        groups=groups,
     )
 
 
