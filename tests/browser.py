@@ -42,12 +42,25 @@ def chromium_binary() -> str:
     return found
 
 
-def count_loaded_images(html_path: Path) -> tuple[int, int]:
-    """Open `html_path` in headless Chromium and return (images on the page, images that loaded)."""
+# Headless and offline: no GPU, no first-run pages, no background requests of Chromium's own.
+HEADLESS_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
+def run_page_check(html_path: Path, check_script: str, marker: str, extra_flags=()) -> re.Match:
+    """Open `html_path` with `check_script` added to its body in headless Chromium and return the match of
+    `marker` (a regex) in the rendered DOM. The page is copied beside the original, so relative paths resolve
+    the same way."""
     html_path = Path(html_path).resolve()
     page = html_path.read_text()
-    page = page.replace("</body>", _IMAGE_CHECK + "</body>") if "</body>" in page else page + _IMAGE_CHECK
-    # The copy sits beside the original so relative image paths resolve the same way.
+    page = page.replace("</body>", check_script + "</body>") if "</body>" in page else page + check_script
     with tempfile.NamedTemporaryFile("w", suffix=".html", dir=html_path.parent, delete=False) as f:
         f.write(page)
         probe = Path(f.name)
@@ -56,16 +69,9 @@ def count_loaded_images(html_path: Path) -> tuple[int, int]:
             out = subprocess.run(
                 [
                     chromium_binary(),
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
+                    *HEADLESS_FLAGS,
+                    *extra_flags,
                     f"--user-data-dir={profile}",
-                    "--allow-file-access-from-files",
                     "--virtual-time-budget=10000",
                     "--dump-dom",
                     probe.as_uri(),
@@ -77,6 +83,17 @@ def count_loaded_images(html_path: Path) -> tuple[int, int]:
             )
     finally:
         probe.unlink(missing_ok=True)
-    match = re.search(r"IMAGES total=(\d+) loaded=(\d+) END", out.stdout)
+    match = re.search(marker, out.stdout)
     assert match, f"chromium did not render the page: rc={out.returncode} stderr={out.stderr[-2000:]}"
+    return match
+
+
+def count_loaded_images(html_path: Path) -> tuple[int, int]:
+    """Open `html_path` in headless Chromium and return (images on the page, images that loaded)."""
+    match = run_page_check(
+        html_path,
+        _IMAGE_CHECK,
+        r"IMAGES total=(\d+) loaded=(\d+) END",
+        extra_flags=("--disable-quic", "--allow-file-access-from-files"),
+    )
     return int(match.group(1)), int(match.group(2))

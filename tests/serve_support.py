@@ -243,19 +243,13 @@ class Chrome:
     def __init__(self) -> None:
         from websockets.sync.client import connect
 
-        from tests.browser import chromium_binary
+        from tests.browser import HEADLESS_FLAGS, chromium_binary
 
         self.profile = tempfile.TemporaryDirectory(prefix="ssjdn-chrome-")
         self.proc = subprocess.Popen(
             [
                 chromium_binary(),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
+                *HEADLESS_FLAGS,
                 "--disable-extensions",
                 "--remote-debugging-port=0",
                 f"--user-data-dir={self.profile.name}",

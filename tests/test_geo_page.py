@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ from pipelines.store.reader import EmbeddingStore
 from pipelines.store.schema import build_table
 from pipelines.store.writer import VersionWriter
 from ssjdn_cli.main import main
-from tests.browser import chromium_binary
+from tests.browser import run_page_check
 from tests.store_data import fake_model_id, image_columns, unit_vectors
 from tests.tile_support import GEOTIFF, chips_of, texture, write_raster
 
@@ -62,37 +60,7 @@ window.addEventListener('load', () => {
 
 def render_in_chromium(html_path: Path) -> dict[str, str]:
     """Open the page (plus the check above) in headless Chromium, offline; the check's fields."""
-    html_path = Path(html_path).resolve()
-    page = html_path.read_text().replace("</body>", _FOOTPRINT_CHECK + "</body>")
-    with tempfile.NamedTemporaryFile("w", suffix=".html", dir=html_path.parent, delete=False) as f:
-        f.write(page)
-        probe = Path(f.name)
-    try:
-        with tempfile.TemporaryDirectory() as profile:
-            out = subprocess.run(
-                [
-                    chromium_binary(),
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    f"--user-data-dir={profile}",
-                    "--virtual-time-budget=10000",
-                    "--dump-dom",
-                    probe.as_uri(),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-    finally:
-        probe.unlink(missing_ok=True)
-    match = re.search(r"CHECK (.*?) END", out.stdout)
-    assert match, f"chromium did not render the page: rc={out.returncode} stderr={out.stderr[-2000:]}"
+    match = run_page_check(html_path, _FOOTPRINT_CHECK, r"CHECK (.*?) END")
     return dict(kv.split("=", 1) for kv in match.group(1).split(" "))
 
 
