@@ -40,6 +40,9 @@ def corpus(tmp_path_factory):
     (root / "empty.jpg").write_bytes(b"")
     (root / "text.png").write_text("not a png")
     (root / "bad.yaml").write_text("model: [unclosed\n")
+    (root / "empty-archive").mkdir()
+    (root / "stac").mkdir()
+    (root / "stac" / "catalog.json").write_text('{"type": "Catalog", "stac_version": "1.0.0", "id": "c", "links": []}')
     (root / "unknown-key.yaml").write_text("no_such_section:\n  x: 1\n")
     ckpt = make_tiny_checkpoint(root / "tiny.pt", dataset_captions(data))
     (root / "junk.pt").write_bytes(b"\x80\x04not a checkpoint at all")
@@ -139,6 +142,8 @@ def _cases():
         ("embed with a checkpoint folder that holds none", ["embed", "{data}", f"{r}/s3", "--checkpoint", f"{r}/not-a-dataset"], "not-a-dataset"),
         ("embed with an unknown dtype", ["embed", "{data}", f"{r}/s4", "--checkpoint", "{ckpt}", "--dtype", "int8"], "int8"),
         ("embed with batch size 0", ["embed", "{data}", f"{r}/s5", "--checkpoint", "{ckpt}", "--batch-size", "0"], "0"),
+        ("embed a folder with nothing to embed", ["embed", f"{r}/empty-archive", f"{r}/s6", "--checkpoint", "{ckpt}"], "found no shards"),
+        ("embed a STAC catalog not tiled yet", ["embed", f"{r}/stac/catalog.json", f"{r}/s7", "--checkpoint", "{ckpt}"], "tile its scenes first"),
         # query
         ("query a store that does not exist", ["query", "a beach", "--store", f"{r}/no-store"], "no-store"),
         ("query a store with a truncated manifest", ["query", "a beach", "--store", "{store}"], "_manifest.json"),

@@ -51,6 +51,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 DEFAULT_CHUNK = 1000
 
 
+class ArchiveError(PipelineError, ValueError):
+    """An archive this job cannot embed (nothing embeddable in it, a STAC catalog not tiled yet); one line."""
+
+
 class UnitReadError(PipelineError, OSError):
     """A unit's tar does not read to its end (cut short, unreadable, not the size its manifest lists)."""
 
@@ -256,7 +260,7 @@ def _discover_files(
         stem = posixpath.splitext(posixpath.basename(root))[0]
         return "listing", [], [_image_sample(make_key(stem, u.rsplit("/", 1)[-1]), u) for u in urls]
     if fs.isfile(root) and root.endswith(".json") and _is_stac(fs, root):
-        raise ValueError(
+        raise ArchiveError(
             f"archive {archive_url} is a STAC document: tile its scenes first (`ssjdn tile`, or reindex-archive "
             "with tile_dest) and embed the chips"
         )
@@ -283,7 +287,7 @@ def _discover_files(
                 _image_sample(make_key(name, posixpath.relpath(p, root)), full_url(fs, p)) for p in images
             ]
             return "image-folder", [], _guard(samples, [root], follow_symlinks) if is_local(fs) else samples
-    raise ValueError(
+    raise ArchiveError(
         f"archive {archive_url}: found no shards (_manifest.json or *.tar), dataset description or image files"
     )
 
