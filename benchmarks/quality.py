@@ -73,6 +73,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "full_triplet": {"model.bsd": True, "model.lsd": True, "loss.name": "triplet", "loss.variant": "hardest"},
     # STL in contrastive form: InfoNCE whose same-class negatives are down-weighted by STL's constant.
     "full_stlnce": {"model.bsd": True, "model.lsd": True, "loss.name": "stl_nce"},
+    # ... and its network without BSD: what BSD adds when the loss is the contrastive STL.
+    "lsd_stlnce": {"model.bsd": False, "model.lsd": True, "loss.name": "stl_nce"},
 }
 _FULL = CONFIGS["full"]
 # BSD variants (issue 17, model.bsd_cfg; docs/model.md): each is `full` with one BSD change. lsd_stl (bsd off)
@@ -84,7 +86,11 @@ BSD_VARIANTS: dict[str, dict[str, Any]] = {
     "full_content": {"model.bsd_cfg.suppression": "content"},  # (d) extraction/suppression map by content
 }
 CONFIGS.update({name: {**_FULL, **extra} for name, extra in BSD_VARIANTS.items()})
+# The loss and the BSD variant that val picked (seeds 0-1), together.
+CONFIGS["full_stlnce_scaleloss"] = {**CONFIGS["full_stlnce"], **BSD_VARIANTS["full_scaleloss"]}
 CONVERGENCE_CONFIGS = ("full", "full_triplet", "infonce")
+# The configuration `cpu-small.yaml` (and the dataset configs) default to.
+DEFAULT_CONFIG = "full"
 # The acceptance comparison runs first so it finishes even when the time runs out.
 PRIORITY = ("vsepp", "full")
 REPO = Path(__file__).resolve().parents[1]
@@ -96,31 +102,54 @@ def _fmt_value(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def resolved_config(base_config: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The whole configuration a run trains with (base YAML + overrides), as plain data."""
+    from ssjdn.config import config_to_dict, load_config
+
+    # Through JSON, so a fresh spec compares equal to one read back from a record (tuples become lists).
+    return json.loads(json.dumps(config_to_dict(load_config(base_config, overrides))))
+
+
 def run_spec(config: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Everything that decides a run's result; a finished run is reused only when its spec is identical.
 
     The dataset is named by its folder name (not the absolute path), so records made on one machine are valid
-    on another with the same data."""
+    on another with the same data. `resolved` is the full configuration: when a default in the base YAML
+    changes, a record made under the old default no longer matches (instead of silently standing in)."""
+    overrides = {**CONFIGS[config], "train.seed": seed}
     return {
         "config": config,
         "seed": seed,
         "base_config": args.base_config,
-        "overrides": {**CONFIGS[config], "train.seed": seed},
+        "overrides": overrides,
+        "resolved": resolved_config(args.base_config, {**overrides, "train.epochs": args.epochs}),
         "epochs": args.epochs,
         "max_steps_per_epoch": args.max_steps_per_epoch,
         "data": Path(args.data).resolve().name,
+        # A fine val curve is a different record (same training, more evaluations): the convergence table
+        # needs it, and a run recorded without it must not stand in for it.
+        **({"curve_every": args.curve_every} if getattr(args, "curve_every", 0) else {}),
     }
 
 
 def _same_spec(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
-    """Spec equality; older records named the data by absolute path: compare by folder name."""
+    """Same run? With both resolved configurations, those decide (the override lists may differ in what they
+    spell out); a record made before `resolved` existed compares by its overrides. Older records named the data
+    by absolute path: compare by folder name."""
     if a is None:
         return False
-    return {**a, "data": Path(str(a.get("data"))).name} == {**b, "data": Path(str(b["data"])).name}
+
+    def key(spec: dict[str, Any], by_resolved: bool) -> dict[str, Any]:
+        drop = "overrides" if by_resolved else "resolved"
+        return {**{k: v for k, v in spec.items() if k != drop}, "data": Path(str(spec.get("data"))).name}
+
+    by_resolved = "resolved" in a and "resolved" in b
+    return key(a, by_resolved) == key(b, by_resolved)
 
 
 def record_name(spec: dict[str, Any]) -> str:
     cap = f"--m{spec['max_steps_per_epoch']}" if spec.get("max_steps_per_epoch") else ""
+    cap += f"--c{spec['curve_every']}" if spec.get("curve_every") else ""
     base = Path(spec["base_config"]).stem
     return f"{spec['data']}--{base}--{spec['config']}--e{spec['epochs']}{cap}--s{spec['seed']}.json"
 
@@ -442,10 +471,21 @@ def paired_differences(records: list[dict[str, Any]], a: str, b: str, split: str
     }
 
 
+def bsd_off_twin(config: str, configs: list[str]) -> str | None:
+    """The configuration among `configs` that is `config` with only `model.bsd=false` (BSD's own keys have no
+    effect without BSD), e.g. full -> lsd_stl."""
+    if not CONFIGS[config].get("model.bsd"):
+        return None
+    twin = {k: v for k, v in CONFIGS[config].items() if not k.startswith("model.bsd_cfg.")}
+    twin["model.bsd"] = False
+    return next((c for c in configs if CONFIGS[c] == twin), None)
+
+
 def default_pairs(configs: list[str]) -> list[tuple[str, str]]:
-    pairs = [(c, "lsd_stl") for c in configs if c.startswith("full") and c != "full_triplet"]
-    pairs += [("full", "vsepp")]
-    return [(a, b) for a, b in pairs if a in configs and b in configs]
+    """Paired comparisons: every BSD configuration against its twin without BSD, and full SSJDN against VSE++."""
+    pairs = [(c, twin) for c in configs if (twin := bsd_off_twin(c, configs))]
+    pairs += [(c, "vsepp") for c in ("full", DEFAULT_CONFIG) if c in configs and "vsepp" in configs]
+    return list(dict.fromkeys(pairs))
 
 
 def markdown_table(agg: dict[str, dict[str, Any]]) -> str:

@@ -32,6 +32,38 @@ def test_ablation_overrides_are_real_config_keys():
         assert cfg.model.bsd == overrides["model.bsd"] and cfg.model.lsd == overrides["model.lsd"], name
 
 
+def test_a_fine_curve_run_is_its_own_record():
+    # A run recorded with per-epoch points only must not stand in for the convergence table's 10-step curve.
+    base = "--data d/ucm-captions --configs full --seed-list 0 --epochs 3 --out o".split()
+    plain = quality.run_spec("full", 0, quality.parse_args(base))
+    fine = quality.run_spec("full", 0, quality.parse_args([*base, "--convergence"]))
+    assert "curve_every" not in plain and fine["curve_every"] == 10
+    assert quality.record_name(plain) == "ucm-captions--cpu-small--full--e3--s0.json"
+    assert quality.record_name(fine) == "ucm-captions--cpu-small--full--e3--c10--s0.json"
+    assert not quality._same_spec(plain, fine)
+
+
+def test_a_record_made_under_an_old_default_no_longer_matches(tmp_path, monkeypatch):
+    # Records name their base config; when a default in that YAML changes, the full resolved configuration is
+    # what tells an old record from the new run, and an override that pins the old value makes it match again.
+    base = tmp_path / "base.yaml"
+    base.write_text("base: tiny\n")
+    argv = f"--data d/ucm-captions --configs full --epochs 3 --out o --base-config {base}".split()
+    recorded = quality.run_spec("full", 0, quality.parse_args(argv))
+    base.write_text("base: tiny\nmodel: {bsd_cfg: {scale_loss_weight: 0.5}}\n")
+    now = quality.run_spec("full", 0, quality.parse_args(argv))
+    assert now["overrides"] == recorded["overrides"] and not quality._same_spec(recorded, now)
+    monkeypatch.setitem(
+        quality.CONFIGS, "full", {**quality.CONFIGS["full"], "model.bsd_cfg.scale_loss_weight": 0.0}
+    )
+    pinned = quality.run_spec("full", 0, quality.parse_args(argv))
+    assert pinned["overrides"] != recorded["overrides"] and quality._same_spec(recorded, pinned)
+    # Through a JSON record and back, and for a record made before `resolved` existed.
+    assert quality._same_spec(json.loads(json.dumps(recorded)), pinned)
+    legacy = {k: v for k, v in recorded.items() if k != "resolved"}
+    assert quality._same_spec(legacy, recorded) and not quality._same_spec(legacy, {**recorded, "seed": 1})
+
+
 def test_benchmark_writes_table_and_json_and_skips_finished_runs(tiny_data, tmp_path):
     out = tmp_path / "bench"
     argv = [
@@ -125,6 +157,16 @@ def test_variant_configs_are_full_plus_one_bsd_change():
     assert quality.CONFIGS["lsd_stl"] == {**full, "model.bsd": False}
 
 
+def test_every_bsd_configuration_is_paired_with_its_twin_without_bsd():
+    names = list(quality.CONFIGS)
+    pairs = dict(p for p in quality.default_pairs(names) if p != ("full", "vsepp"))
+    assert pairs["full"] == pairs["full_scaleloss"] == pairs["full_content"] == "lsd_stl"
+    assert pairs["full_stlnce"] == pairs["full_stlnce_scaleloss"] == "lsd_stlnce"
+    assert pairs["bsd"] == "vsepp" and "infonce" not in pairs  # no infonce network without BSD is measured
+    assert ("full", "vsepp") in quality.default_pairs(names)
+    assert quality.default_pairs(["full", "vsepp"]) == [("full", "vsepp")]  # a twin must be among the runs
+
+
 def test_convergence_mode_curves_table_and_plot(tiny_data, tmp_path):
     out = tmp_path / "conv"
     argv = [
@@ -151,6 +193,10 @@ def test_convergence_mode_curves_table_and_plot(tiny_data, tmp_path):
         str(tmp_path / "img" / "convergence.png"),
     ]
     recs = quality.main(argv)
+    assert sorted(f.name.split("--")[-4:] for f in (tmp_path / "records").iterdir()) == [
+        ["full", "e2", "c1", "s0.json"],
+        ["full_triplet", "e2", "c1", "s0.json"],
+    ]
     steps_per_epoch = recs[0]["curve"][-1]["step"] // 2
     for r in recs:
         steps = [p["step"] for p in r["curve"]]
