@@ -86,8 +86,10 @@ BSD_VARIANTS: dict[str, dict[str, Any]] = {
     "full_content": {"model.bsd_cfg.suppression": "content"},  # (d) extraction/suppression map by content
 }
 CONFIGS.update({name: {**_FULL, **extra} for name, extra in BSD_VARIANTS.items()})
-# The loss and the BSD variant that val picked (seeds 0-1), together.
+# The loss that val picked (seeds 0-1) with the BSD variant that val picked (scale loss) and with the one that
+# test liked best (content suppression), to see whether the two changes add up.
 CONFIGS["full_stlnce_scaleloss"] = {**CONFIGS["full_stlnce"], **BSD_VARIANTS["full_scaleloss"]}
+CONFIGS["full_stlnce_content"] = {**CONFIGS["full_stlnce"], **BSD_VARIANTS["full_content"]}
 CONVERGENCE_CONFIGS = ("full", "full_triplet", "infonce")
 # The configuration `cpu-small.yaml` (and the dataset configs) default to.
 DEFAULT_CONFIG = "full"
@@ -517,6 +519,12 @@ def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def val_ranking(agg: dict[str, dict[str, Any]]) -> list[str]:
+    """Configurations by mean val mR, best first: the split that picks a default (test never selects)."""
+    ranked = [c for c in agg if agg[c].get("val_mr_mean") is not None]
+    return sorted(ranked, key=lambda c: -agg[c]["val_mr_mean"])
+
+
 def details_markdown(agg: dict[str, dict[str, Any]], pairs: list[dict]) -> str:
     lines = ["", "Per-seed test mR (val mR) and mean 1-minute load average during the runs:", ""]
     for c, a in agg.items():
@@ -535,6 +543,10 @@ def details_markdown(agg: dict[str, dict[str, Any]], pairs: list[dict]) -> str:
             sd = "" if p["std"] is None else f" ± {p['std']:.2f}"
             diffs = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(p["seeds"], p["diffs"], strict=True))
             lines.append(f"- {p['a']} − {p['b']}: {p['mean']:+.2f}{sd} ({diffs})")
+    ranking = val_ranking(agg)
+    if ranking:
+        lines += ["", "By mean val mR (what picks the default; test never selects):", ""]
+        lines.append(" > ".join(f"{c} {agg[c]['val_mr_mean']:.2f}" for c in ranking))
     return "\n".join(lines) + "\n"
 
 

@@ -107,6 +107,9 @@ def test_benchmark_writes_table_and_json_and_skips_finished_runs(tiny_data, tmp_
     assert "| config | seeds |" in table and "| mR |" in table
     assert table.count("\n| vsepp | 1 |") == 1 and table.count("\n| full | 1 |") == 1
     assert f"{results['summary']['full']['mean']['mr']:.2f}" in table
+    val = {c: results["summary"][c]["val_mr_mean"] for c in ("full", "vsepp")}
+    best, other = sorted(val, key=lambda c: -val[c])
+    assert f"{best} {val[best]:.2f} > {other} {val[other]:.2f}" in table  # the val ranking picks defaults
 
     mtime = (out / "runs" / "full-s0" / "best.pt").stat().st_mtime_ns
     again = quality.main(argv)
