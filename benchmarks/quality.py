@@ -130,7 +130,7 @@ def run_spec(config: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         "data": Path(args.data).resolve().name,
         # A fine val curve is a different record (same training, more evaluations): the convergence table
         # needs it, and a run recorded without it must not stand in for it.
-        **({"curve_every": args.curve_every} if getattr(args, "curve_every", 0) else {}),
+        **({"curve_every": args.curve_every} if args.curve_every else {}),
     }
 
 
