@@ -106,7 +106,8 @@ class STLConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "stl"  # stl | triplet | infonce | stl_nce (InfoNCE with STL's same-class relief)
+    # stl | triplet | infonce | stl_nce (InfoNCE with STL's same-class relief: the default val picked, docs/results.md)
+    name: str = "stl_nce"
     variant: str = "hardest"  # sum | hardest (triplet and stl)
     margin: float = 0.2
     temperature: float = 0.07  # infonce

@@ -134,6 +134,7 @@ def test_benchmark_writes_table_and_json_and_skips_finished_runs(tiny_data, tmp_
     rec = json.loads((tmp_path / "records" / records[0]).read_text())
     assert rec["spec"]["data"] == tiny_data.name  # portable: the folder name, not this machine's path
     assert rec["load_avg_1m"]["mean"] >= 0 and [p["epoch"] for p in rec["curve"]] == [0, 1]
+    assert rec["machine"]["cpu"] and rec["machine"]["torch"]  # results compare only on one machine kind
 
     with pytest.raises(SystemExit, match="different spec"):  # a changed budget never reuses an old run
         quality.main([*argv[:-6], "--out", str(out), "--jobs", "1", "--max-steps-per-epoch", "1"])
@@ -162,11 +163,11 @@ def test_variant_configs_are_full_plus_one_bsd_change():
 
 def test_every_bsd_configuration_is_paired_with_its_twin_without_bsd():
     names = list(quality.CONFIGS)
-    pairs = dict(p for p in quality.default_pairs(names) if p != ("full", "vsepp"))
+    pairs = dict(p for p in quality.default_pairs(names) if p[1] != "vsepp" or p[0] == "bsd")
     assert pairs["full"] == pairs["full_scaleloss"] == pairs["full_content"] == "lsd_stl"
     assert pairs["full_stlnce"] == pairs["full_stlnce_scaleloss"] == "lsd_stlnce"
     assert pairs["bsd"] == "vsepp" and "infonce" not in pairs  # no infonce network without BSD is measured
-    assert ("full", "vsepp") in quality.default_pairs(names)
+    assert {("full", "vsepp"), (quality.DEFAULT_CONFIG, "vsepp")} <= set(quality.default_pairs(names))
     assert quality.default_pairs(["full", "vsepp"]) == [("full", "vsepp")]  # a twin must be among the runs
 
 
@@ -246,3 +247,18 @@ def test_paired_differences_and_convergence_steps():
     conv = quality.convergence(records, ["full", "full_triplet"], fraction=0.5)  # target 10
     assert conv["configs"]["full"]["steps_to_target"] == [10]
     assert conv["configs"]["full_triplet"]["steps_to_target"] == [52]
+
+
+def test_the_presets_train_the_default_configuration():
+    from ssjdn.config import load_config
+
+    # cpu-small with no override is the configuration the report names as the default
+    assert quality.resolved_config("cpu-small", {}) == quality.resolved_config(
+        "cpu-small", quality.CONFIGS[quality.DEFAULT_CONFIG]
+    )
+    default_loss = quality.CONFIGS[quality.DEFAULT_CONFIG]["loss.name"]
+    for preset in ("ucm", "rsicd", "rsitmd", "sydney"):
+        cfg = load_config(preset, {})
+        assert cfg.loss.name == default_loss and cfg.model.bsd and cfg.model.lsd, preset
+    # every measured configuration names its loss, so the YAML default cannot change what a record means
+    assert all("loss.name" in overrides for overrides in quality.CONFIGS.values())
