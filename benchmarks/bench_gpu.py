@@ -6,7 +6,7 @@ Built from configs with random weights and synthetic token ids: no hub, no datas
 here has its own Python and torch; this imports only `ssjdn`, torch and transformers, which `ssjdn` needs).
 Measures, on `cuda:0`, each after a few warm-up steps and with `torch.cuda.synchronize()` around the timing:
 
-1. training step images/s (forward, STL + LSD loss, backward, grad clip, Adam step), fp32 vs bf16 autocast
+1. training step images/s (forward, the config's loss (stl_nce) + LSD, backward, grad clip, Adam step), fp32 vs bf16 autocast
    with channels_last images and weights;
 2. image embedding images/s (`encode_image`, inference mode), fp32 vs bf16 + channels_last;
 3. peak GPU memory of each.
