@@ -33,7 +33,7 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process_group(proc: subprocess.Popen) -> None:
     """Stop the server and anything it spawned (its own process group), politely first."""
     if proc.poll() is not None:
         return
@@ -90,7 +90,7 @@ def prefect_server():
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not _healthy(api_url):
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
+            stop_process_group(proc)
             tail = log_path.read_text(errors="replace")[-3000:]
             pytest.fail(f"prefect server on {api_url} did not become healthy (rc={proc.returncode}):\n{tail}")
         time.sleep(0.5)
@@ -104,7 +104,7 @@ def prefect_server():
             yield {"api_url": api_url, "home": home, "env": env, "log": log_path}
             flush_run_logs()  # while the server is still up: otherwise exit stalls retrying a dead API
     finally:
-        _stop(proc)
+        stop_process_group(proc)
         shutil.rmtree(home, ignore_errors=True)
         for k, v in saved.items():
             if v is None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures_prefect import stop_process_group
 from tests.test_train import make_shards, new_bucket
 
 pytestmark = pytest.mark.integration
@@ -91,8 +91,8 @@ def test_prefect_deployment_trains_as_a_ray_job(prefect_server, ray_head, s3_ser
             run.stdout[-3000:] + run.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
         )
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=30)
+        # SIGTERM first, SIGKILL if a loaded box keeps the worker from exiting in time.
+        stop_process_group(worker)
         worker_log.close()
 
     from prefect.client.orchestration import get_client
