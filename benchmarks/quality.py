@@ -444,6 +444,18 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))  # sample std (ddof=1)
 
 
+def last_epoch_test_mr(record: dict[str, Any]) -> float | None:
+    """Test mR of the checkpoint at the end of the budget: the reading without checkpoint selection, which
+    shows when the best-val pick landed on an early epoch whose val is within noise of the last."""
+    ends = [
+        p for p in record.get("curve") or [] if p.get("epoch") is not None and p.get("test_mr") is not None
+    ]
+    if not ends:
+        return None
+    last = max(ends, key=lambda p: p["epoch"])
+    return float(last["test_mr"]) if last["epoch"] == record["spec"].get("epochs", last["epoch"]) else None
+
+
 def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for c in configs:
@@ -455,6 +467,8 @@ def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, di
         }
         val = [float(r["val"]["mr"]) for r in runs if "mr" in r.get("val", {})]
         loads = [r["load_avg_1m"]["mean"] for r in runs if r.get("load_avg_1m")]
+        last = [last_epoch_test_mr(r) for r in runs]
+        last = last if None not in last else []
         out[c] = {
             "seeds": [r["spec"]["seed"] for r in runs],
             "mean": {k: v[0] for k, v in stats.items()},
@@ -463,16 +477,30 @@ def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, di
             "per_seed_val_mr": [round(v, 2) for v in val],
             "val_mr_mean": _mean_std(val)[0] if val else None,
             "val_mr_std": _mean_std(val)[1] if val else None,
+            "epochs": runs[0]["spec"].get("epochs"),
+            "per_seed_best_epoch": [r.get("best_epoch") for r in runs],
+            "per_seed_last_mr": [round(v, 2) for v in last],
+            "last_mr_mean": _mean_std(last)[0] if last else None,
+            "last_mr_std": _mean_std(last)[1] if last else None,
             "train_s_mean": _mean_std([r["train_s"] for r in runs])[0],
             "load_avg_mean": round(sum(loads) / len(loads), 1) if loads else None,
         }
     return out
 
 
+def _mr(record: dict[str, Any], split: str) -> float | None:
+    return last_epoch_test_mr(record) if split == "last" else float(record[split]["mr"])
+
+
 def paired_differences(records: list[dict[str, Any]], a: str, b: str, split: str = "test") -> dict | None:
-    """Per-seed differences a - b of `split` mR over the seeds both have; mean ± sample std."""
-    va = {r["spec"]["seed"]: float(r[split]["mr"]) for r in records if r["spec"]["config"] == a}
-    vb = {r["spec"]["seed"]: float(r[split]["mr"]) for r in records if r["spec"]["config"] == b}
+    """Per-seed differences a - b of `split` mR ("test", "val", or "last": test at the end of the budget) over
+    the seeds both have; mean ± sample std."""
+
+    def by_seed(config: str) -> dict[int, float]:
+        vals = {r["spec"]["seed"]: _mr(r, split) for r in records if r["spec"]["config"] == config}
+        return {s: v for s, v in vals.items() if v is not None}
+
+    va, vb = by_seed(a), by_seed(b)
     seeds = sorted(set(va) & set(vb))
     if not seeds:
         return None
@@ -486,6 +514,7 @@ def paired_differences(records: list[dict[str, Any]], a: str, b: str, split: str
         "diffs": [round(d, 2) for d in diffs],
         "mean": m,
         "std": sd,
+        "positive": sum(d > 0 for d in diffs),
     }
 
 
@@ -519,8 +548,10 @@ def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
     }
     cols = [k for k in METRIC_KEYS if any(k in a["mean"] for a in agg.values())]
     lines = [
-        "| config | seeds | " + " | ".join(names[k] for k in cols) + " | val mR | train s/run |",
-        "|---|---|" + "---|" * len(cols) + "---|---|",
+        "| config | seeds | "
+        + " | ".join(names[k] for k in cols)
+        + " | val mR | mR last epoch | train s/run |",
+        "|---|---|" + "---|" * len(cols) + "---|---|---|",
     ]
     for c, a in agg.items():
         cells = []
@@ -529,8 +560,12 @@ def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
             cells.append(f"{m:.2f}" if s is None else f"{m:.2f} ± {s:.2f}")
         vm, vs = a.get("val_mr_mean"), a.get("val_mr_std")
         val = "" if vm is None else (f"{vm:.2f}" if vs is None else f"{vm:.2f} ± {vs:.2f}")
+        lm, ls = a.get("last_mr_mean"), a.get("last_mr_std")
+        last = "" if lm is None else (f"{lm:.2f}" if ls is None else f"{lm:.2f} ± {ls:.2f}")
         lines.append(
-            f"| {c} | {len(a['seeds'])} | " + " | ".join(cells) + f" | {val} | {a['train_s_mean']:.0f} |"
+            f"| {c} | {len(a['seeds'])} | "
+            + " | ".join(cells)
+            + f" | {val} | {last} | {a['train_s_mean']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -547,18 +582,43 @@ def details_markdown(agg: dict[str, dict[str, Any]], pairs: list[dict]) -> str:
         vals = (
             a["per_seed_val_mr"] if len(a["per_seed_val_mr"]) == len(a["seeds"]) else [None] * len(a["seeds"])
         )
+        lasts = a["per_seed_last_mr"] or [None] * len(a["seeds"])
         cells = ", ".join(
-            f"s{s} {t:.2f}" + ("" if v is None else f" ({v:.2f})")
-            for s, t, v in zip(a["seeds"], a["per_seed_test_mr"], vals, strict=True)
+            f"s{s} {t:.2f}"
+            + ("" if v is None else f" ({v:.2f})")
+            + (
+                f" [best val at epoch {e}; last epoch {lt:.2f}]"
+                if lt is not None and e != a["epochs"]
+                else ""
+            )
+            for s, t, v, e, lt in zip(
+                a["seeds"], a["per_seed_test_mr"], vals, a["per_seed_best_epoch"], lasts, strict=True
+            )
         )
         load = f"; load {a['load_avg_mean']}" if a.get("load_avg_mean") is not None else ""
         lines.append(f"- {c}: {cells}{load}")
-    if pairs:
-        lines += ["", "Paired per-seed differences of test mR (same seed, same budget):", ""]
-        for p in pairs:
+    titles = {
+        "test": "Paired per-seed differences of test mR (same seed, same budget):",
+        "last": "The same at the end of the budget (last epoch's test mR, no checkpoint selection), where it differs:",
+    }
+    by_selection = {(p["a"], p["b"]): p["diffs"] for p in pairs if p["split"] == "test"}
+    for split, title in titles.items():
+        # an end-of-budget pair equal to its best-val pair (every best-val epoch was the last) is not repeated
+        chosen = [
+            p
+            for p in pairs
+            if p["split"] == split and (split == "test" or by_selection.get((p["a"], p["b"])) != p["diffs"])
+        ]
+        if not chosen:
+            continue
+        lines += ["", title, ""]
+        for p in chosen:
             sd = "" if p["std"] is None else f" ± {p['std']:.2f}"
             diffs = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(p["seeds"], p["diffs"], strict=True))
-            lines.append(f"- {p['a']} − {p['b']}: {p['mean']:+.2f}{sd} ({diffs})")
+            lines.append(
+                f"- {p['a']} − {p['b']}: {p['mean']:+.2f}{sd}, positive on {p['positive']} of "
+                f"{len(p['seeds'])} ({diffs})"
+            )
     ranking = val_ranking(agg)
     if ranking:
         lines += ["", "By mean val mR (what picks the default; test never selects):", ""]
@@ -570,13 +630,19 @@ def write_reports(
     out: Path, records: list[dict[str, Any]], configs: list[str], args: argparse.Namespace
 ) -> dict:
     agg = aggregate(records, configs)
-    pairs = [p for a, b in default_pairs(configs) if (p := paired_differences(records, a, b))]
+    pairs = [
+        p
+        for split in ("test", "last")
+        for a, b in default_pairs(configs)
+        if (p := paired_differences(records, a, b, split))
+    ]
     clean = [{k: v for k, v in r.items() if k != "status"} for r in records]
     _write_json_atomic(
         out / "results.json", {"command": " ".join(sys.argv), "runs": clean, "summary": agg, "paired": pairs}
     )
     header = (
-        f"Test split, best-val-mR checkpoint, mean ± sample std over seeds. Base config `{args.base_config}`, "
+        'Test split, best-val-mR checkpoint ("mR last epoch": the checkpoint at the end of the budget), '
+        f"mean ± sample std over seeds. Base config `{args.base_config}`, "
         f"{args.epochs} epochs"
         + (f", ≤{args.max_steps_per_epoch} steps/epoch" if args.max_steps_per_epoch else "")
         + ".\n\n"

@@ -249,6 +249,53 @@ def test_paired_differences_and_convergence_steps():
     assert conv["configs"]["full_triplet"]["steps_to_target"] == [52]
 
 
+def test_the_end_of_budget_reading_beside_the_best_val_checkpoint():
+    def rec(config, seed, best_epoch, test_by_epoch):
+        return {
+            "spec": {"config": config, "seed": seed, "epochs": len(test_by_epoch)},
+            "best_epoch": best_epoch,
+            "test": {"mr": test_by_epoch[best_epoch - 1]},
+            "val": {"mr": 30.0},
+            "train_s": 1.0,
+            "curve": [{"step": 0, "epoch": 0, "val_mr": 1.0, "test_mr": 1.0}]
+            + [{"step": 5, "epoch": None, "val_mr": 9.0, "test_mr": None}]  # a fine-curve point has no test
+            + [
+                {"step": 10 * e, "epoch": e, "val_mr": 30.0, "test_mr": t}
+                for e, t in enumerate(test_by_epoch, 1)
+            ],
+        }
+
+    # seed 1 of "full" picked epoch 1 on val: its best-val test mR is low, its end-of-budget one is not
+    records = [
+        rec("full", 0, 3, [10.0, 18.0, 22.0]),
+        rec("full", 1, 1, [12.0, 20.0, 24.0]),
+        rec("lsd_stl", 0, 3, [9.0, 17.0, 20.0]),
+        rec("lsd_stl", 1, 3, [9.0, 16.0, 19.0]),
+    ]
+    assert quality.last_epoch_test_mr(records[1]) == 24.0
+    assert (
+        quality.last_epoch_test_mr({"spec": {"epochs": 3}, "curve": records[1]["curve"][:3]}) is None
+    )  # cut short
+    best = quality.paired_differences(records, "full", "lsd_stl")
+    last = quality.paired_differences(records, "full", "lsd_stl", split="last")
+    assert best["diffs"] == [2.0, -7.0] and best["positive"] == 1
+    assert last["diffs"] == [2.0, 5.0] and last["positive"] == 2 and last["split"] == "last"
+    agg = quality.aggregate(records, ["full", "lsd_stl"])
+    assert agg["full"]["last_mr_mean"] == pytest.approx(23.0) and agg["full"]["mean"]["mr"] == pytest.approx(
+        17.0
+    )
+    table = quality.markdown_table(agg)
+    assert "| mR last epoch |" in table and "| 23.00 ± 1.41 |" in table
+    details = quality.details_markdown(agg, [best, last])
+    assert "s1 12.00 (30.00) [best val at epoch 1; last epoch 24.00]" in details
+    assert "s0 22.00 (30.00)," in details  # no note where the best-val epoch is the last one
+    assert "- full − lsd_stl: -2.50 ± 6.36, positive on 1 of 2" in details
+    assert "- full − lsd_stl: +3.50 ± 2.12, positive on 2 of 2" in details
+    same = quality.paired_differences(records[:1] + records[2:3], "full", "lsd_stl", split="last")
+    kept = quality.paired_differences(records[:1] + records[2:3], "full", "lsd_stl")
+    assert quality.details_markdown(agg, [kept, same]).count("- full − lsd_stl:") == 1  # equal: not repeated
+
+
 def test_the_presets_train_the_default_configuration():
     from ssjdn.config import load_config
 
