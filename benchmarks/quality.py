@@ -535,6 +535,13 @@ def default_pairs(configs: list[str]) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
+def _mean_pm_std(m: float | None, s: float | None) -> str:
+    """A table cell: "m ± s", just "m" for one seed, empty when there is no value."""
+    if m is None:
+        return ""
+    return f"{m:.2f}" if s is None else f"{m:.2f} ± {s:.2f}"
+
+
 def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
     names = {
         "i2t_r1": "I→T R@1",
@@ -554,14 +561,9 @@ def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
         "|---|---|" + "---|" * len(cols) + "---|---|---|",
     ]
     for c, a in agg.items():
-        cells = []
-        for k in cols:
-            m, s = a["mean"].get(k, float("nan")), a["std"].get(k)
-            cells.append(f"{m:.2f}" if s is None else f"{m:.2f} ± {s:.2f}")
-        vm, vs = a.get("val_mr_mean"), a.get("val_mr_std")
-        val = "" if vm is None else (f"{vm:.2f}" if vs is None else f"{vm:.2f} ± {vs:.2f}")
-        lm, ls = a.get("last_mr_mean"), a.get("last_mr_std")
-        last = "" if lm is None else (f"{lm:.2f}" if ls is None else f"{lm:.2f} ± {ls:.2f}")
+        cells = [_mean_pm_std(a["mean"].get(k, float("nan")), a["std"].get(k)) for k in cols]
+        val = _mean_pm_std(a.get("val_mr_mean"), a.get("val_mr_std"))
+        last = _mean_pm_std(a.get("last_mr_mean"), a.get("last_mr_std"))
         lines.append(
             f"| {c} | {len(a['seeds'])} | "
             + " | ".join(cells)
