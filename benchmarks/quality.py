@@ -214,6 +214,18 @@ class _LoadSampler:
         }
 
 
+def read_record(path: Path) -> dict[str, Any]:
+    """A run's result record; a file that is not a JSON object with a spec is a ValueError naming it (the file
+    is left where it is: delete it to rerun that run)."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable result record ({exc})") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("spec"), dict):
+        raise ValueError(f"{path}: not a result record (no spec)")
+    return rec
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -290,7 +302,7 @@ def train_one(
     then copied into `records`)."""
     rec_path = records / record_name(spec) if records is not None else None
     if rec_path is not None and rec_path.exists():
-        prev = json.loads(rec_path.read_text())
+        prev = read_record(rec_path)
         if not _same_spec(prev.get("spec"), spec):
             raise ValueError(
                 f"{rec_path} was made with a different spec ({prev.get('spec')}) than requested ({spec}): "
@@ -300,7 +312,7 @@ def train_one(
         return {**prev, "status": "skipped"}
     done = run_dir / "result.json"
     if done.exists():
-        prev = json.loads(done.read_text())
+        prev = read_record(done)
         if not _same_spec(prev.get("spec"), spec):
             raise ValueError(
                 f"{done} was made with a different spec ({prev.get('spec')}) than requested ({spec}): "
@@ -808,6 +820,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     records_dir = None if args.records.lower() == "none" else Path(args.records).resolve()
+    if args.report_only and (records_dir is None or not records_dir.is_dir()):
+        raise SystemExit(
+            f"--records {args.records}: not a folder of result records (--report-only reads one)"
+        )
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     queue = queue_order(args.configs, args.seed_list)
     log.info("%d runs (%d parallel, %d thread(s) each) -> %s", len(queue), args.jobs, threads, out)
@@ -824,7 +840,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if path is None or not path.exists():
                 log.info("not recorded: %s seed %d", config, seed)
                 return
-            prev = json.loads(path.read_text())
+            try:
+                prev = read_record(path)
+            except ValueError as exc:
+                log.error("%s", exc)
+                failures.append(str(exc))
+                return
             if _same_spec(prev.get("spec"), spec):
                 with lock:
                     records.append({**prev, "status": "skipped"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -294,6 +295,23 @@ def test_the_end_of_budget_reading_beside_the_best_val_checkpoint():
     same = quality.paired_differences(records[:1] + records[2:3], "full", "lsd_stl", split="last")
     kept = quality.paired_differences(records[:1] + records[2:3], "full", "lsd_stl")
     assert quality.details_markdown(agg, [kept, same]).count("- full − lsd_stl:") == 1  # equal: not repeated
+
+
+def test_report_only_names_a_broken_record_keeps_it_and_reports_the_rest(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    good = "ucm-captions--cpu-small--full--e3--s0.json"
+    shutil.copy(quality.DEFAULT_RECORDS / good, records / good)
+    broken = records / "ucm-captions--cpu-small--full--e3--s1.json"
+    broken.write_text('{"spec": {"config": "full"')  # cut short mid-write
+    argv = ["--data", str(tmp_path / "ucm-captions"), "--configs", "full", "--seeds", "2", "--epochs", "3"]
+    argv += ["--out", str(tmp_path / "out"), "--report-only"]
+    with pytest.raises(SystemExit, match=r"1 run\(s\) failed: .*s1\.json: not a readable result record"):
+        quality.main([*argv, "--records", str(records)])
+    assert broken.read_text() == '{"spec": {"config": "full"'  # nothing deleted or rewritten
+    assert "\n| full | 1 |" in (tmp_path / "out" / "results.md").read_text()  # the good record is reported
+    with pytest.raises(SystemExit, match="--records .*missing: not a folder of result records"):
+        quality.main([*argv, "--records", str(tmp_path / "missing")])
 
 
 def test_the_presets_train_the_default_configuration():
